@@ -7,10 +7,20 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from .activity import ActivityTask
 from .base import HEADS, ORDERINGS, REWARDS, Batch, Task
 from .copy import CopyTask
+from .gp import GPTask
+from .images import ImageCompletionTask, completion_grid, faces_task, mnist_task, plot_completions
 
-TASKS: dict[str, Callable[..., Task]] = {"copy": CopyTask}
+TASKS: dict[str, Callable[..., Task]] = {
+    "copy": CopyTask,
+    "gp": GPTask,
+    "images": ImageCompletionTask,
+    "mnist": mnist_task,
+    "faces": faces_task,
+    "activity": ActivityTask,
+}
 
 
 def register_task(name: str, factory: Callable[..., Task]) -> None:
@@ -27,4 +37,5 @@ def make_task(name: str, **options) -> Task:
         raise TypeError(f"bad options for task {name!r}: {e}") from e
 
 
-__all__ = ["Batch", "Task", "TASKS", "HEADS", "ORDERINGS", "REWARDS", "make_task", "register_task"]
+__all__ = ["Batch", "Task", "TASKS", "HEADS", "ORDERINGS", "REWARDS", "make_task", "register_task",
+           "CopyTask", "GPTask", "ImageCompletionTask", "ActivityTask", "completion_grid", "plot_completions"]

@@ -1,0 +1,419 @@
+"""ReTreever: embedders, encoder, tree, read-outs (TCA, full cross attention, Perceiver IO), heads, losses.
+
+The read-out attention module (:class:`ReadOut`) is shared by the search policy (its keys score the
+children), the TCA read-out over the retrieved set S, and the full cross attention of L_CA and of the
+"ca" decoder, as in the paper. Keys and values of every tree node are projected once per tree.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import search as S
+from .tasks.base import HEADS, ORDERINGS, REWARDS, Batch, Task
+from .tree import Aggregator, Tree, TreeShape, build_tree, retrieved_size
+
+DECODERS = ("tca", "ca", "perceiver")
+ENCODERS = ("quadratic", "constant")
+BASELINES = ("none", "batch_mean", "ema")
+
+
+@dataclass
+class ModelConfig:
+    """ReTreever hyper-parameters (defaults: the paper's)."""
+
+    x_dim: int = 1
+    """Dimension of context / query inputs x."""
+    y_dim: int = 0
+    """Dimension of context values y (0: the context is x alone, as in sequence tasks)."""
+    out_dim: int = 1
+    """Number of classes (head "class") or target dimension."""
+    head: str = "class"
+    """Output head: "class" (logits), "reg" (mean, MSE loss) or "normal" (mean and std, NLL loss)."""
+    sequential: bool = False
+    """Add sinusoidal position encodings to context and query embeddings."""
+    max_context: int = 128
+    """Largest context size; sets Perceiver IO's default number of latents (|S| at this size)."""
+    d_model: int = 64
+    nhead: int = 4
+    dim_ff: int = 128
+    emb_depth: int = 4
+    """Layers of the context and query embedding MLPs."""
+    encoder: str = "quadratic"
+    """"quadratic": a pre-norm Transformer encoder over the context; "constant": no encoder."""
+    enc_layers: int = 6
+    dropout: float = 0.0
+    """Dropout of the encoder and the read-out."""
+    agg_dropout: float = 0.0
+    """Dropout inside the tree aggregator (off: see tree.Aggregator)."""
+    decoder: str = "tca"
+    """Read-out: "tca" (tree search + attention over S), "ca" (all tokens), "perceiver" (latents)."""
+    branch: int = 2
+    ordering: str = "natural"
+    """Tree ordering: "natural", "coord" (sort by x[coord]), "projection" or "kd"."""
+    coord: int = 0
+    bptt: bool = False
+    """Backpropagate through the aggregator into the encoder (the paper's default: no)."""
+    num_latents: int | None = None
+    """Perceiver IO latents; None = |S| at max_context (equal tokens with TCA)."""
+    lambda_ca: float = 1.0
+    lambda_rl: float = 1.0
+    reward: str = "acc"
+    """RL reward: "acc" (1[correct]), "nce" (-CE, baseline -log C), "ll" (log-likelihood), "mse" (-MSE)."""
+    rl_baseline: str = "none"
+    """Extra REINFORCE baseline: "none", "batch_mean" or "ema" (moving average of the reward)."""
+    entropy_coef: float = 0.01
+    min_std: float = 0.01
+    """Floor of the Normal head's standard deviation."""
+
+    def validate(self) -> ModelConfig:
+        checks = [("decoder", DECODERS), ("encoder", ENCODERS), ("head", HEADS), ("ordering", ORDERINGS),
+                  ("reward", REWARDS), ("rl_baseline", BASELINES)]
+        for name, allowed in checks:
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"unknown {name} {getattr(self, name)!r}; choose one of {allowed}")
+        if self.branch < 2:
+            raise ValueError(f"branch factor must be >= 2; got {self.branch}")
+        if self.d_model % self.nhead:
+            raise ValueError(f"d_model {self.d_model} is not divisible by nhead {self.nhead}")
+        if self.head == "class" and self.reward in ("ll", "mse"):
+            raise ValueError(f"reward {self.reward!r} needs a regression head; head is 'class'")
+        if self.head != "class" and self.reward in ("acc", "nce"):
+            raise ValueError(f"reward {self.reward!r} needs a classification head; head is {self.head!r}")
+        return self
+
+    @classmethod
+    def for_task(cls, task: Task, **overrides) -> ModelConfig:
+        base = dict(x_dim=task.x_dim, y_dim=task.y_dim, out_dim=task.out_dim, head=task.head,
+                    sequential=task.sequential, max_context=task.max_context, ordering=task.ordering,
+                    reward=task.reward)
+        base.update(overrides)
+        return cls(**base).validate()
+
+
+def sinusoidal(pos: torch.Tensor, dim: int) -> torch.Tensor:
+    """Transformer position encoding: ``pos [...]`` -> ``[..., dim]``."""
+    half = dim // 2
+    freq = torch.exp(-math.log(10000.0) * torch.arange(half, device=pos.device, dtype=torch.float32) / half)
+    ang = pos.to(torch.float32).unsqueeze(-1) * freq  # [..., half]
+    return torch.cat([ang.sin(), ang.cos()], dim=-1)
+
+
+def mlp(inp: int, d: int, depth: int) -> nn.Sequential:
+    layers: list[nn.Module] = [nn.Linear(inp, d)]
+    for _ in range(depth - 1):
+        layers += [nn.ReLU(), nn.Linear(d, d)]
+    return nn.Sequential(*layers)
+
+
+class ReadOut(nn.Module):
+    """Pre-norm multi-head cross attention + feed-forward: the paper's one attention module.
+
+    Queries attend to a set of keys; ``queries``/``keys_values`` expose the projections so the tree's
+    nodes are projected once and the search can score children with the same weights.
+    """
+
+    def __init__(self, d: int, nhead: int, dim_ff: int, dropout: float = 0.0):
+        super().__init__()
+        self.nhead, self.dh = nhead, d // nhead
+        self.norm_q, self.norm_kv, self.norm_ff = nn.LayerNorm(d), nn.LayerNorm(d), nn.LayerNorm(d)
+        self.q_proj = nn.Linear(d, d)
+        self.kv_proj = nn.Linear(d, 2 * d)
+        self.out_proj = nn.Linear(d, d)
+        self.ff = nn.Sequential(nn.Linear(d, dim_ff), nn.ReLU(), nn.Dropout(dropout), nn.Linear(dim_ff, d))
+        self.drop = nn.Dropout(dropout)
+
+    def queries(self, x: torch.Tensor) -> torch.Tensor:
+        """``[..., D]`` -> ``[..., H, dh]``, scaled by 1/sqrt(dh) so scores are plain dot products."""
+        q = self.q_proj(self.norm_q(x)) * self.dh**-0.5
+        return q.unflatten(-1, (self.nhead, self.dh))
+
+    def keys_values(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[..., D]`` -> keys and values ``[..., H, dh]``."""
+        k, v = self.kv_proj(self.norm_kv(x)).unflatten(-1, (2, self.nhead, self.dh)).unbind(-3)
+        return k, v
+
+    def finish(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """Residual + feed-forward after attention: ``x [.., D]``, ``attn [.., H, dh]`` -> ``[.., D]``."""
+        h = x + self.drop(self.out_proj(attn.flatten(-2)))
+        return h + self.drop(self.ff(self.norm_ff(h)))
+
+    def full(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Attention of ``q [B, M, H, dh]`` over all of ``k, v [B, N, H, dh]`` (fused SDPA): ``[B, M, H, dh]``."""
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=1.0)
+        return out.transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        k, v = self.keys_values(context)
+        return self.finish(x, self.full(self.queries(x), k, v))
+
+
+class Head(nn.Module):
+    """Maps read-out features to predictions and scores them (loss, metric, reward per query)."""
+
+    def __init__(self, d: int, kind: str, out_dim: int, min_std: float):
+        super().__init__()
+        self.kind, self.out_dim, self.min_std = kind, out_dim, min_std
+        width = 2 * out_dim if kind == "normal" else out_dim
+        self.net = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, width))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.net(h)
+
+    def mean_std(self, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean, raw = out.chunk(2, dim=-1)
+        return mean, self.min_std + F.softplus(raw)
+
+    def point(self, out: torch.Tensor) -> torch.Tensor:
+        """Point prediction: class index ``[B, M]`` or mean ``[B, M, dy]``."""
+        if self.kind == "class":
+            return out.argmax(-1)
+        return self.mean_std(out)[0] if self.kind == "normal" else out
+
+    def loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Per-query task loss ``[B, M]``: cross entropy, Normal NLL (summed over dims) or MSE."""
+        if self.kind == "class":
+            return F.cross_entropy(out.flatten(0, 1), y.flatten(), reduction="none").view(y.shape)
+        if self.kind == "normal":
+            return -self.log_likelihood(out, y)
+        return (out - y).pow(2).mean(-1)
+
+    def log_likelihood(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        mean, std = self.mean_std(out)
+        return torch.distributions.Normal(mean, std).log_prob(y).sum(-1)
+
+    def metric(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Per-query metric ``[B, M]``: accuracy (class), log-likelihood (normal), -MSE (reg)."""
+        if self.kind == "class":
+            return (out.argmax(-1) == y).float()
+        if self.kind == "normal":
+            return self.log_likelihood(out, y)
+        return -(out - y).pow(2).mean(-1)
+
+    def reward(self, out: torch.Tensor, y: torch.Tensor, kind: str) -> torch.Tensor:
+        """Per-query RL reward ``[B, M]`` (no gradient). "nce" is -CE minus its baseline -log C."""
+        out = out.detach()
+        if kind == "acc":
+            return (out.argmax(-1) == y).float()
+        if kind == "nce":
+            return math.log(self.out_dim) - self.loss(out, y)
+        if kind == "ll":
+            return self.log_likelihood(out, y)
+        if kind == "mse":
+            point = self.point(out)
+            return -(point - y).pow(2).mean(-1)
+        raise ValueError(f"unknown reward {kind!r}; choose one of {REWARDS}")
+
+
+@dataclass
+class Context:
+    """What a batch of trees offers its queries: everything the search and the read-out need."""
+
+    batch: Batch
+    enc: torch.Tensor  # [B, N, D] context encodings
+    query_emb: torch.Tensor  # [B, M, D]
+    q: torch.Tensor  # [B, M, H, dh] read-out queries (pre-scaled)
+    tree: Tree | None = None
+    kv: S.TreeKV | None = None
+    enc_kv: tuple[torch.Tensor, torch.Tensor] | None = None  # [B, N, H, dh] each, for full attention
+
+
+@dataclass
+class Output:
+    """A forward pass: predictions, per-query losses/metrics and, for TCA, the search."""
+
+    out: torch.Tensor  # [B, M, out] raw head output from the decoder (S for tca)
+    loss: torch.Tensor  # scalar total loss
+    terms: dict[str, torch.Tensor]  # scalar loss terms and statistics (detached)
+    metric: torch.Tensor  # [B, M]
+    descent: S.Descent | None = None
+    out_ca: torch.Tensor | None = None
+
+
+class ReTreever(nn.Module):
+    """The ReTreever model of the TCA paper (DESIGN.md section 2)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg.validate()
+        d = cfg.d_model
+        self.ctx_embed = mlp(cfg.x_dim + cfg.y_dim, d, cfg.emb_depth)
+        self.query_embed = mlp(cfg.x_dim, d, cfg.emb_depth)
+        if cfg.encoder == "quadratic":
+            layer = nn.TransformerEncoderLayer(d, cfg.nhead, cfg.dim_ff, cfg.dropout, batch_first=True,
+                                               norm_first=True)
+            self.encoder: nn.Module = nn.TransformerEncoder(layer, cfg.enc_layers, enable_nested_tensor=False)
+        else:
+            self.encoder = nn.Identity()
+        self.readout = ReadOut(d, cfg.nhead, cfg.dim_ff, cfg.dropout)
+        self.head = Head(d, cfg.head, cfg.out_dim, cfg.min_std)
+        if cfg.decoder == "tca":
+            self.aggregator = Aggregator(d, cfg.nhead, cfg.dim_ff, cfg.agg_dropout)
+        if cfg.decoder == "perceiver":
+            self.latents = nn.Parameter(torch.randn(self.num_latents, d) * 0.02)
+            self.latent_attn = ReadOut(d, cfg.nhead, cfg.dim_ff, cfg.dropout)
+        self.register_buffer("reward_ema", torch.zeros(()))
+
+    @property
+    def num_latents(self) -> int:
+        return self.cfg.num_latents or retrieved_size(self.cfg.max_context, self.cfg.branch)
+
+    def tree_shape(self, n: int) -> TreeShape:
+        return TreeShape(n, self.cfg.branch)
+
+    # ------------------------------------------------------------------ embedding and tree building
+
+    def _check(self, batch: Batch) -> None:
+        batch.validate()
+        c = self.cfg
+        if batch.xc.shape[-1] != c.x_dim or batch.xt.shape[-1] != c.x_dim:
+            raise ValueError(f"model expects x_dim = {c.x_dim}; batch has xc {batch.xc.shape[-1]}, "
+                             f"xt {batch.xt.shape[-1]}")
+        ydim = 0 if batch.yc is None else batch.yc.shape[-1]
+        if ydim != c.y_dim:
+            raise ValueError(f"model expects context values of dim {c.y_dim}; batch has {ydim}")
+        if c.sequential and (batch.pc is None or batch.pt is None):
+            raise ValueError("a sequential model needs token positions batch.pc and batch.pt")
+        if c.head == "class" and batch.yt.dtype != torch.long:
+            raise ValueError(f"classification targets must be long class indices; got {batch.yt.dtype}")
+
+    def encode(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Context encodings ``[B, N, D]`` and query embeddings ``[B, M, D]``."""
+        self._check(batch)
+        x = batch.xc if batch.yc is None else torch.cat([batch.xc, batch.yc], -1)
+        h = self.ctx_embed(x)  # [B, N, D]
+        qe = self.query_embed(batch.xt)  # [B, M, D]
+        if self.cfg.sequential:
+            h = h + sinusoidal(batch.pc, self.cfg.d_model)
+            qe = qe + sinusoidal(batch.pt, self.cfg.d_model)
+        return self.encoder(h), qe
+
+    def prepare(self, batch: Batch) -> Context:
+        """Embed, encode, and (TCA) build the tree with every node's keys and values projected once."""
+        enc, qe = self.encode(batch)
+        ctx = Context(batch, enc, qe, self.readout.queries(qe))
+        if self.cfg.decoder == "perceiver":
+            return ctx
+        ctx.enc_kv = self.readout.keys_values(enc)  # [B, N, H, dh] x2
+        if self.cfg.decoder == "tca":
+            ctx.tree = build_tree(enc, self.cfg.branch, self.aggregator, self.cfg.ordering, batch.xc,
+                                  self.cfg.coord, self.cfg.bptt)
+            ctx.kv = S.TreeKV.from_tree(ctx.tree, self.readout.keys_values, self._slot_kv(ctx))
+        return ctx
+
+    def _slot_kv(self, ctx: Context) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token keys/values moved into the tree's slot layout (reusing the full-attention projections)."""
+        tree = ctx.tree
+        B, N = tree.perm.shape
+        slot = tree.shape.slot_index(tree.perm.device)
+        out = []
+        for t in ctx.enc_kv:
+            padded = t.new_zeros(B, tree.shape.num_slots, *t.shape[2:])
+            padded[:, slot] = t.gather(1, tree.perm.view(B, N, 1, 1).expand_as(t))
+            out.append(padded)
+        return out[0], out[1]
+
+    # ---------------------------------------------------------------------------------- read-outs
+
+    def predict_path(self, ctx: Context, path: torch.Tensor, descent: S.Descent | None = None) -> torch.Tensor:
+        """Head output ``[B, M, out]`` from attending over the retrieved set of ``path [B, M, k+1]``."""
+        scores, masks = (descent.scores, descent.masks) if descent is not None else (None, None)
+        attn = S.readout(ctx.kv, ctx.q, path, scores, masks)
+        return self.head(self.readout.finish(ctx.query_emb, attn))
+
+    def predict_full(self, ctx: Context) -> torch.Tensor:
+        """Head output of full cross attention over all N context encodings (decoder "ca", and L_CA)."""
+        k, v = ctx.enc_kv
+        return self.head(self.readout.finish(ctx.query_emb, self.readout.full(ctx.q, k, v)))
+
+    def predict_perceiver(self, ctx: Context) -> torch.Tensor:
+        """Perceiver IO: L latents attend to the context, then the queries attend to the latents."""
+        B = ctx.enc.shape[0]
+        lat = self.latent_attn(self.latents.expand(B, -1, -1), ctx.enc)  # [B, L, D]
+        k, v = self.readout.keys_values(lat)
+        return self.head(self.readout.finish(ctx.query_emb, self.readout.full(ctx.q, k, v)))
+
+    # ------------------------------------------------------------------------------ forward + losses
+
+    def forward(self, batch: Batch, search: str = "sample", actions: torch.Tensor | None = None,
+                generator: torch.Generator | None = None, with_ca: bool | None = None) -> Output:
+        """Predict and compute L = L_TCA + lambda_CA L_CA + lambda_RL L_RL (the plain task loss otherwise).
+
+        Args:
+            search: ``"sample"`` (training) or ``"greedy"`` (inference) descent for TCA.
+            actions: ``[B, M, k]`` replay these children instead of choosing.
+            with_ca: compute L_CA (default: in training mode when lambda_CA > 0).
+        """
+        c = self.cfg
+        ctx = self.prepare(batch)
+        if c.decoder == "ca":
+            out = self.predict_full(ctx)
+            return self._plain_output(out, batch)
+        if c.decoder == "perceiver":
+            return self._plain_output(self.predict_perceiver(ctx), batch)
+        descent = S.descend(ctx.kv, ctx.q, search, actions, generator)
+        out = self.predict_path(ctx, descent.path, descent)
+        if with_ca is None:
+            with_ca = self.training and c.lambda_ca > 0
+        out_ca = self.predict_full(ctx) if with_ca else None
+        loss, terms = self.tca_loss(out, batch.yt, descent.log_prob, descent.entropy, out_ca)
+        terms["tokens"] = torch.tensor(float(ctx.tree.shape.retrieved_size))
+        terms["token_frac"] = terms["tokens"] / batch.N
+        return Output(out, loss, terms, self.head.metric(out.detach(), batch.yt), descent, out_ca)
+
+    def _plain_output(self, out: torch.Tensor, batch: Batch) -> Output:
+        loss = self.head.loss(out, batch.yt).mean()
+        n_tok = batch.N if self.cfg.decoder == "ca" else self.num_latents
+        terms = {"loss": loss.detach(), "loss_task": loss.detach(), "tokens": torch.tensor(float(n_tok)),
+                 "token_frac": torch.tensor(n_tok / batch.N)}
+        return Output(out, loss, terms, self.head.metric(out.detach(), batch.yt))
+
+    def advantage(self, reward: torch.Tensor) -> torch.Tensor:
+        """Reward minus the configured baseline (the "ema" baseline is updated in training mode)."""
+        kind = self.cfg.rl_baseline
+        if kind == "batch_mean":
+            return reward - reward.mean()
+        if kind == "ema":
+            adv = reward - self.reward_ema
+            if self.training:
+                self.reward_ema.mul_(0.99).add_(0.01 * reward.mean())
+            return adv
+        return reward
+
+    def tca_loss(self, out: torch.Tensor, y: torch.Tensor, log_prob: torch.Tensor, ent: torch.Tensor,
+                 out_ca: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The paper's loss from the S-prediction ``out``, the path log-probs and entropies ``[B, M]``."""
+        c = self.cfg
+        l_tca = self.head.loss(out, y).mean()
+        reward = self.head.reward(out, y, c.reward)  # [B, M]
+        adv = self.advantage(reward)
+        l_rl = -(log_prob * adv).mean() - c.entropy_coef * ent.mean()
+        loss = l_tca + c.lambda_rl * l_rl
+        terms = {"loss_tca": l_tca.detach(), "loss_rl": l_rl.detach(), "reward": reward.mean(),
+                 "entropy": ent.detach().mean()}
+        if out_ca is not None:
+            l_ca = self.head.loss(out_ca, y).mean()
+            loss = loss + c.lambda_ca * l_ca
+            terms["loss_ca"] = l_ca.detach()
+        terms["loss"] = loss.detach()
+        return loss, terms
+
+    @torch.no_grad()
+    def predict(self, batch: Batch) -> torch.Tensor:
+        """Greedy inference: head output ``[B, M, out]`` with the configured decoder."""
+        c = self.cfg
+        ctx = self.prepare(batch)
+        if c.decoder == "ca":
+            return self.predict_full(ctx)
+        if c.decoder == "perceiver":
+            return self.predict_perceiver(ctx)
+        descent = S.descend(ctx.kv, ctx.q, "greedy")
+        return self.predict_path(ctx, descent.path, descent)
+
+    def config_dict(self) -> dict:
+        return asdict(self.cfg)

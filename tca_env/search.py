@@ -1,0 +1,246 @@
+"""Batched root-to-leaf search of Tree Cross Attention, for all B*M queries at once.
+
+The policy at a node is the attention of the query over the node's children, averaged over heads:
+pi(c | q) = mean_h softmax_c(<q_h, k_{c,h}>) (DESIGN.md section 2.6), computed with the keys of the
+same attention module that does the read-out. Keys and values are projected once per tree
+(:class:`TreeKV`); a query only gathers the rows it visits.
+
+A path is the node index at every level, ``path [B, M, k+1]`` (``path[..., 0] = 0`` is the root and
+``path[..., k]`` the leaf bucket); the action at step s is ``path[s+1] - b * path[s]``. The retrieved
+set S holds every unselected sibling on the path and the P token slots of the chosen bucket.
+
+:func:`step` is one level (it drives the Gymnasium environment), :func:`descend` is all k levels
+(the fused trainer and evaluation), :func:`readout` attends over S.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .tree import Tree, TreeShape
+
+SEARCH_MODES = ("greedy", "sample")
+
+
+@dataclass
+class TreeKV:
+    """Keys and values of every node below the root and of every token slot.
+
+    Attributes:
+        shape: the tree's sizes.
+        keys / values: element ``s`` (0 <= s < k) is ``[B, b^(s+1), H, dh]``: the candidates of step s.
+        masks: element ``s`` is ``[B, b^(s+1)]``, which of those nodes are real.
+        tok_keys / tok_values: ``[B, P*b^k, H, dh]`` token slots; tok_mask ``[B, P*b^k]``.
+    """
+
+    shape: TreeShape
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    masks: list[torch.Tensor]
+    tok_keys: torch.Tensor
+    tok_values: torch.Tensor
+    tok_mask: torch.Tensor
+
+    @classmethod
+    def from_tree(cls, tree: Tree, project, tok_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> TreeKV:
+        """Project with ``project(x [.., D]) -> (k, v) [.., H, dh]``; ``tok_kv`` reuses token projections."""
+        kv = [project(tree.nodes[level]) for level in range(1, tree.shape.k + 1)]
+        tk, tv = project(tree.tokens) if tok_kv is None else tok_kv
+        return cls(tree.shape, [k for k, _ in kv], [v for _, v in kv], tree.node_mask[1:], tk, tv,
+                   tree.token_mask)
+
+
+def _gather_rows(table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``table [B, R, ...]``, ``idx [B, M, c]`` row indices -> ``[B, M, c, ...]`` (one flat index_select)."""
+    B, R = table.shape[:2]
+    flat = (idx + (torch.arange(B, device=idx.device) * R).view(B, 1, 1)).reshape(-1)
+    rows = table.reshape(B * R, -1).index_select(0, flat)  # 2-D index_select is the fast path
+    return rows.view(*idx.shape, *table.shape[2:])
+
+
+def child_index(shape: TreeShape, s: int, node: torch.Tensor) -> torch.Tensor:
+    """Indices at level s+1 of the children of ``node [B, M]`` (level s): ``[B, M, b]``."""
+    return node.unsqueeze(-1) * shape.b + torch.arange(shape.b, device=node.device)
+
+
+def bucket_index(shape: TreeShape, leaf: torch.Tensor) -> torch.Tensor:
+    """Token slots of leaf bucket ``leaf [B, M]``: ``[B, M, P]``."""
+    return leaf.unsqueeze(-1) * shape.P + torch.arange(shape.P, device=leaf.device)
+
+
+def child_scores(kv: TreeKV, q: torch.Tensor, s: int, node: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-head scores of queries ``q [B, M, H, dh]`` (pre-scaled) over the children of ``node [B, M]``.
+
+    Returns scores ``[B, M, b, H]`` and the children's mask ``[B, M, b]``.
+    """
+    idx = child_index(kv.shape, s, node)  # [B, M, b]
+    return _scores(q, _gather_rows(kv.keys[s], idx)), _gather_rows(kv.masks[s], idx)
+
+
+def _scores(q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """``q [B, M, H, dh]``, ``keys [B, M, c, H, dh]`` -> ``[B, M, c, H]``.
+
+    Broadcast-multiply-sum: for a handful of keys per query this beats a batched matmul by far. Keys
+    stay before heads: CPU softmax over a short last dim is several times slower than over dim 2.
+    """
+    return (q.unsqueeze(2) * keys).sum(-1)
+
+
+def policy_log_probs(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """log pi(c) = log mean_h softmax_c(scores): ``[B, M, b, H]``, mask ``[B, M, b]`` -> ``[B, M, b]``.
+
+    Masked children get probability exactly 0 (log-prob ``-inf``).
+    """
+    neg = -torch.finfo(scores.dtype).max
+    attn = scores.masked_fill(~mask.unsqueeze(-1), neg).softmax(dim=2)  # [B, M, b, H]
+    probs = attn.mean(-1).masked_fill(~mask, 0.0)  # [B, M, b]
+    return probs.log()
+
+
+def entropy(log_probs: torch.Tensor) -> torch.Tensor:
+    """Entropy of each distribution over the last dim; zero-probability children contribute 0."""
+    p = log_probs.exp()
+    return -torch.special.xlogy(p, p).sum(-1)
+
+
+def choose(log_probs: torch.Tensor, mode: str, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Greedy (argmax) or sampled (Gumbel-max, exact for the categorical) child: ``[B, M]``."""
+    if mode == "greedy":
+        return log_probs.argmax(-1)
+    if mode != "sample":
+        raise ValueError(f"unknown search mode {mode!r}; choose one of {SEARCH_MODES}")
+    dev = generator.device if generator is not None else log_probs.device
+    u = torch.rand(log_probs.shape, generator=generator, device=dev, dtype=log_probs.dtype).to(log_probs.device)
+    gumbel = -torch.log(-torch.log(u.clamp(torch.finfo(u.dtype).tiny, 1.0)))
+    return (log_probs.detach() + gumbel).argmax(-1)
+
+
+@dataclass
+class StepResult:
+    """One level of the search: the next node and what the policy said."""
+
+    node: torch.Tensor  # [B, M] chosen child's index at level s+1
+    action: torch.Tensor  # [B, M] in [0, b)
+    log_probs: torch.Tensor  # [B, M, b]
+    scores: torch.Tensor  # [B, M, b, H] per-head attention scores (reused by the read-out)
+    mask: torch.Tensor  # [B, M, b] children that exist
+
+
+def step(kv: TreeKV, q: torch.Tensor, s: int, node: torch.Tensor, mode: str = "greedy",
+         action: torch.Tensor | None = None, generator: torch.Generator | None = None) -> StepResult:
+    """Descend one level from ``node`` (at level s) for every query; ``action`` overrides the choice."""
+    if not 0 <= s < kv.shape.k:
+        raise ValueError(f"step {s} out of range for a tree of depth {kv.shape.k}")
+    scores, mask = child_scores(kv, q, s, node)
+    logp = policy_log_probs(scores, mask)
+    a = choose(logp, mode, generator) if action is None else action
+    return StepResult(node * kv.shape.b + a, a, logp, scores, mask)
+
+
+@dataclass
+class Descent:
+    """A whole root-to-leaf search for every query."""
+
+    path: torch.Tensor  # [B, M, k+1] node index per level
+    actions: torch.Tensor  # [B, M, k]
+    log_prob: torch.Tensor  # [B, M] sum over levels of log pi(chosen)
+    entropy: torch.Tensor  # [B, M] sum over levels of the policy's entropy
+    scores: list[torch.Tensor]  # k x [B, M, b, H]
+    masks: list[torch.Tensor]  # k x [B, M, b]
+
+
+def descend(kv: TreeKV, q: torch.Tensor, mode: str = "greedy", actions: torch.Tensor | None = None,
+            generator: torch.Generator | None = None) -> Descent:
+    """Run :func:`step` k times (a loop over levels only). ``actions [B, M, k]`` replays a given path."""
+    B, M = q.shape[:2]
+    k = kv.shape.k
+    node = torch.zeros(B, M, dtype=torch.long, device=q.device)
+    path, acts, scores, masks = [node], [], [], []
+    log_prob = q.new_zeros(B, M)
+    ent = q.new_zeros(B, M)
+    for s in range(k):
+        r = step(kv, q, s, node, mode, None if actions is None else actions[..., s], generator)
+        log_prob = log_prob + r.log_probs.gather(-1, r.action.unsqueeze(-1)).squeeze(-1)
+        ent = ent + entropy(r.log_probs)
+        node = r.node
+        path.append(node)
+        acts.append(r.action)
+        scores.append(r.scores)
+        masks.append(r.mask)
+    actions_t = torch.stack(acts, -1) if k else torch.zeros(B, M, 0, dtype=torch.long, device=q.device)
+    return Descent(torch.stack(path, -1), actions_t, log_prob, ent, scores, masks)
+
+
+@dataclass
+class RetrievedSet:
+    """S for every query: ``(b-1)*k`` siblings (level s+1 for s < k) then the P token slots.
+
+    Attributes:
+        level: ``[|S|]`` level of each slot's node, ``k + 1`` for token slots.
+        index: ``[B, M, |S|]`` node index within its level, or token slot index.
+        mask: ``[B, M, |S|]`` real entries (padded nodes and slots are False).
+    """
+
+    level: torch.Tensor
+    index: torch.Tensor
+    mask: torch.Tensor
+
+    def embeddings(self, tree: Tree) -> torch.Tensor:
+        """``[B, M, |S|, D]`` the embeddings of S (gathered; for inspection and tests)."""
+        k = tree.shape.k
+        parts = [_gather_rows(tree.nodes[lvl], self.index[..., self.level == lvl]) for lvl in range(1, k + 1)]
+        parts.append(_gather_rows(tree.tokens, self.index[..., self.level == k + 1]))
+        return torch.cat(parts, dim=2)
+
+
+def retrieved_set(tree: Tree, path: torch.Tensor) -> RetrievedSet:
+    """The retrieved set of each query's ``path [B, M, k+1]``."""
+    shape = tree.shape
+    b, k = shape.b, shape.k
+    dev = path.device
+    levels, idx, mask = [], [], []
+    others = torch.arange(b - 1, device=dev)
+    for s in range(k):
+        a = (path[..., s + 1] - b * path[..., s]).unsqueeze(-1)  # [B, M, 1]
+        sib = path[..., s : s + 1] * b + others + (others >= a)  # [B, M, b-1]
+        levels.append(torch.full((b - 1,), s + 1, device=dev))
+        idx.append(sib)
+        mask.append(_gather_rows(tree.node_mask[s + 1], sib))
+    tok = bucket_index(shape, path[..., k])  # [B, M, P]
+    levels.append(torch.full((shape.P,), k + 1, device=dev))
+    idx.append(tok)
+    mask.append(_gather_rows(tree.token_mask, tok))
+    return RetrievedSet(torch.cat(levels), torch.cat(idx, -1), torch.cat(mask, -1))
+
+
+def readout(kv: TreeKV, q: torch.Tensor, path: torch.Tensor, scores: list[torch.Tensor] | None = None,
+            masks: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """Multi-head attention of each query over its retrieved set: ``[B, M, H, dh]``.
+
+    Siblings reuse the per-head scores of the descent when given (``scores``/``masks`` from
+    :class:`Descent`); otherwise they are recomputed from ``path``. Values are gathered one level at a
+    time, so memory stays O(B*M*b*D) rather than O(B*M*|S|*D).
+    """
+    shape = kv.shape
+    b, k = shape.b, shape.k
+    neg = -torch.finfo(q.dtype).max
+    logits, values_idx = [], []
+    for s in range(k):
+        if scores is None:
+            sc, cm = child_scores(kv, q, s, path[..., s])
+        else:
+            sc, cm = scores[s], masks[s]
+        chosen = path[..., s + 1:s + 2] - b * path[..., s:s + 1] == torch.arange(b, device=q.device)
+        logits.append(sc.masked_fill(~(cm & ~chosen).unsqueeze(-1), neg))  # [B, M, b, H]
+        values_idx.append(child_index(shape, s, path[..., s]))
+    tok = bucket_index(shape, path[..., k])  # [B, M, P]
+    tok_scores = _scores(q, _gather_rows(kv.tok_keys, tok))  # [B, M, P, H]
+    logits.append(tok_scores.masked_fill(~_gather_rows(kv.tok_mask, tok).unsqueeze(-1), neg))
+    attn = torch.cat(logits, dim=2).softmax(dim=2).unsqueeze(-1)  # [B, M, k*b + P, H, 1]
+    out = (attn[:, :, k * b:] * _gather_rows(kv.tok_values, tok)).sum(2)  # [B, M, H, dh]
+    for s in range(k):
+        v = _gather_rows(kv.values[s], values_idx[s])  # [B, M, b, H, dh]
+        out = out + (attn[:, :, s * b:(s + 1) * b] * v).sum(2)
+    return out
