@@ -109,6 +109,8 @@ class Task(ABC):
     ordering: str = "natural"
     reward: str = "acc"
     sequential: bool = False
+    eval_splits: tuple[str, ...] = ("test",)
+    """Splits the trainer evaluates on (each a fixed, seeded set passed to ``sample(split=...)``)."""
 
     @property
     @abstractmethod

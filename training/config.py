@@ -1,0 +1,126 @@
+"""Training configuration: one dataclass whose fields carry their own help, plus per-task presets.
+
+Precedence: command-line flag > preset (``--preset cpu|paper``) > dataclass default. Model fields left
+at ``None`` fall back to the task's defaults (ordering, reward) and the paper's (``ModelConfig``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import Any
+
+from tca_env.model import ModelConfig
+from tca_env.tasks import Task, make_task
+
+
+def opt(default: Any, help: str, choices: tuple | None = None) -> Any:  # noqa: A002 - mirrors argparse
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass
+class TrainConfig:
+    # --- task
+    task: str = opt("copy", "Task to train on (copy, gp, mnist, faces, activity, ...).")
+    seq_len: int | None = opt(None, "Copy task: sequence length L; the tree holds L/2 tokens, L/2 queries.")
+    kernel: str | None = opt(None, "GP task: training kernel (rbf or matern52).")
+    # --- model (None: task / paper default)
+    decoder: str = opt("tca", "Read-out: tca (tree search), ca (full cross attention), perceiver (latents).",
+                       ("tca", "ca", "perceiver"))
+    d_model: int | None = opt(None, "Model width D (paper: 64).")
+    nhead: int | None = opt(None, "Attention heads (paper: 4).")
+    dim_ff: int | None = opt(None, "Feed-forward width (paper: 128).")
+    emb_depth: int | None = opt(None, "Layers of the embedding MLPs (paper: 4).")
+    encoder: str | None = opt(None, "Context encoder: quadratic (Transformer) or constant (none).",
+                              ("quadratic", "constant"))
+    enc_layers: int | None = opt(None, "Transformer encoder layers (paper: 6).")
+    dropout: float | None = opt(None, "Dropout of encoder and read-out.")
+    branch: int | None = opt(None, "Tree branch factor b (paper: 2).")
+    ordering: str | None = opt(None, "Tree ordering: natural, coord, projection or kd (task default).",
+                               ("natural", "coord", "projection", "kd"))
+    bptt: bool | None = opt(None, "Backpropagate through the tree aggregator into the encoder.")
+    num_latents: int | None = opt(None, "Perceiver IO latents (default |S|: equal tokens with tca).")
+    lambda_ca: float | None = opt(None, "Weight of L_CA, the full cross-attention auxiliary loss (paper: 1).")
+    lambda_rl: float | None = opt(None, "Weight of L_RL, the REINFORCE loss of the search (paper: 1).")
+    reward: str | None = opt(None, "RL reward: acc, nce, ll or mse (task default).", ("acc", "nce", "ll", "mse"))
+    rl_baseline: str | None = opt(None, "REINFORCE baseline: none, batch_mean or ema.",
+                                  ("none", "batch_mean", "ema"))
+    entropy_coef: float | None = opt(None, "Entropy bonus of the search policy (paper: 0.01).")
+    # --- optimisation
+    steps: int = opt(2000, "Training steps (batches).")
+    batch_size: int = opt(16, "Context sets per batch (each with its M queries).")
+    lr: float = opt(5e-4, "Adam learning rate (cosine-decayed to 0 over --steps).")
+    beta1: float = opt(0.9, "Adam beta1 (the copy task's reference script uses 0.1).")
+    beta2: float = opt(0.999, "Adam beta2.")
+    clip: float = opt(1.0, "Gradient-norm clipping threshold.")
+    # --- evaluation, logging, checkpoints
+    eval_every: int = opt(500, "Greedy evaluation every this many steps (0: only at the end).")
+    eval_size: int = opt(1000, "Tasks (e.g. sequences) in the fixed held-out evaluation set.")
+    eval_batch: int = opt(100, "Batch size for evaluation.")
+    eval_seed: int = opt(10_000, "Seed of the evaluation set (fixed across runs).")
+    log_every: int = opt(25, "TensorBoard scalars every this many steps.")
+    ckpt_every: int = opt(1000, "Checkpoint every this many steps (0: only at the end).")
+    run_dir: str = opt("runs/copy-tca", "Directory for TensorBoard events, checkpoints and the final report.")
+    resume: bool = opt(False, "Resume from run_dir/checkpoint.pt if it exists.")
+    seed: int = opt(0, "Seed of parameters, training batches and sampled searches.")
+    device: str = opt("cpu", "Torch device (cpu, cuda, cuda:1, mps, ...).")
+    threads: int = opt(1, "torch.set_num_threads for CPU training (1 is fastest for these small ops).")
+    progress: bool = opt(True, "Show a progress bar.")
+
+    def task_options(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.seq_len is not None:
+            out["seq_len"] = self.seq_len
+        if self.kernel is not None:
+            out["kernel"] = self.kernel
+        return out
+
+    def make_task(self) -> Task:
+        return make_task(self.task, **self.task_options())
+
+    def model_config(self, task: Task) -> ModelConfig:
+        model_fields = {f.name for f in fields(ModelConfig)}
+        overrides = {k: v for k, v in asdict(self).items() if k in model_fields and v is not None}
+        return ModelConfig.for_task(task, **overrides)
+
+    def validate(self) -> TrainConfig:
+        for name in ("steps", "batch_size", "eval_size", "eval_batch", "log_every", "threads"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive; got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"--lr must be positive; got {self.lr}")
+        return self
+
+
+# Presets per task. "cpu": what we ship and measured on a 2-core CPU; "paper": the paper's protocol.
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "copy": {
+        # Quick start: L = 64 (32 context tokens) learns to > 99% in a few CPU minutes.
+        "quick": dict(seq_len=64, encoder="constant", dropout=0.1, beta1=0.1, steps=1500, batch_size=16,
+                      eval_every=500, run_dir="runs/copy-quick"),
+        "cpu": dict(seq_len=256, encoder="constant", dropout=0.1, beta1=0.1, steps=6000, batch_size=16,
+                    eval_every=1000, run_dir="runs/copy-cpu"),
+        "paper": dict(seq_len=256, encoder="constant", dropout=0.1, beta1=0.1, steps=100_000, batch_size=128,
+                      eval_every=5000, run_dir="runs/copy-paper"),
+    },
+}
+
+
+def default_for(name: str) -> Any:
+    f = {f.name: f for f in fields(TrainConfig)}[name]
+    return f.default if f.default is not MISSING else None
+
+
+def build_config(preset: str | None = None, **flags: Any) -> TrainConfig:
+    """Dataclass defaults, then the preset of ``flags['task']``, then the explicit flags."""
+    task = flags.get("task") or default_for("task")
+    values: dict[str, Any] = {}
+    if preset is not None:
+        if preset not in PRESETS.get(task, {}):
+            raise ValueError(f"no preset {preset!r} for task {task!r}; presets: {sorted(PRESETS.get(task, {}))}")
+        values.update(PRESETS[task][preset])
+    values.update({k: v for k, v in flags.items() if v is not None})
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = set(values) - known
+    if unknown:
+        raise ValueError(f"unknown config fields: {sorted(unknown)}")
+    return TrainConfig(**values).validate()
