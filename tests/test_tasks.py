@@ -178,18 +178,35 @@ def test_gp_rejects_bad_arguments() -> None:
         GPTask(length_range=(0.0, 0.5))
 
 
+def reference_kernel(x: torch.Tensor, length: float, scale: float, kernel: str) -> torch.Tensor:
+    """The textbook kernels, written independently of the package: ``x [n]`` -> ``[n, n]``."""
+    d = (x[:, None] - x[None, :]).abs().double() / length
+    if kernel == "rbf":
+        return scale ** 2 * torch.exp(-0.5 * d ** 2)
+    return scale ** 2 * (1 + 5 ** 0.5 * d + 5 * d ** 2 / 3) * torch.exp(-(5 ** 0.5) * d)
+
+
 @pytest.mark.parametrize("kernel,other", [("rbf", "matern52"), ("matern52", "rbf")])
 def test_gp_empirical_covariance_matches_kernel(kernel: str, other: str) -> None:
-    S = 100_000
-    x = torch.tensor([-1.5, -1.2, -0.9, -0.5, 0.0, 0.1, 0.8, 1.9])[None, :, None].expand(S, -1, -1)
-    length, scale = torch.full((S,), 0.4), torch.full((S,), 1.0)
-    y = sample_gp(x, length, scale, kernel, 0.02, gen())[..., 0].double()  # [S, 8]
+    S, points = 100_000, torch.tensor([-1.5, -1.2, -0.9, -0.5, 0.0, 0.1, 0.8, 1.9])
+    x = points[None, :, None].expand(S, -1, -1)  # [S, 8, 1]: the same inputs, S functions
+    y = sample_gp(x, torch.full((S,), 0.4), torch.full((S,), 1.0), kernel, 0.02, gen())[..., 0].double()
     emp = y.T @ y / S  # zero mean by construction
-    expected = kernel_matrix(x[:1], x[:1], length[:1], scale[:1], kernel)[0].double() + 0.02 ** 2 * torch.eye(8)
-    wrong = kernel_matrix(x[:1], x[:1], length[:1], scale[:1], other)[0].double()
+    expected = reference_kernel(points, 0.4, 1.0, kernel) + 0.02 ** 2 * torch.eye(8)
     assert (emp - expected).abs().max() < 0.02
-    assert (emp - wrong).abs().max() > 0.04  # the test can tell the kernels apart
+    assert (emp - reference_kernel(points, 0.4, 1.0, other)).abs().max() > 0.04  # kernels are told apart
     assert y.mean(0).abs().max() < 0.02
+    K = kernel_matrix(x[:2], x[:2], torch.tensor([0.4, 0.4]), torch.tensor([1.0, 1.0]), kernel)
+    assert torch.allclose(K[1].double(), reference_kernel(points, 0.4, 1.0, kernel), atol=1e-6)
+
+
+def test_gp_kernel_splits_and_eval_splits() -> None:
+    rbf, matern = GPTask(kernel="rbf"), GPTask(kernel="matern52")
+    assert rbf.eval_splits == ("test", "matern52") and matern.eval_splits == ("test", "rbf")
+    # The same stream, drawn from the other kernel, equals that kernel's task.
+    a, b = rbf.sample(4, gen(5), split="matern52"), matern.sample(4, gen(5), split="test")
+    assert torch.equal(a.xc, b.xc) and torch.equal(a.yc, b.yc) and torch.equal(a.yt, b.yt)
+    assert not torch.equal(rbf.sample(4, gen(5)).yc, a.yc)
 
 
 def test_gp_noise_is_a_standard_deviation_of_002() -> None:
@@ -202,7 +219,7 @@ def test_gp_noise_is_a_standard_deviation_of_002() -> None:
 
 
 def test_gp_task_marginal_variance_uses_scale_as_std() -> None:
-    b = GPTask(num_context=2, num_target=3).sample(20_000, gen())
+    b = GPTask(num_context=3, num_target=3).sample(20_000, gen())
     y = torch.cat([b.yc, b.yt], 1)
     # E[s^2] for s ~ U[0.1, 1] is (1 - 0.001) / 2.7 = 0.370; with s as a variance it would be 0.55.
     assert abs(float(y.square().mean()) - (0.999 / 2.7 + 0.02 ** 2)) < 0.02
@@ -270,6 +287,7 @@ def test_image_splits_are_fixed_disjoint_and_seen_unseen() -> None:
     assert set(labels[s["train"]].tolist()) <= {0, 1, 2} and set(labels[s["test"]].tolist()) <= {0, 1, 2}
     assert set(labels[s["unseen"]].tolist()) == {3, 4, 5}
     assert not set(s["train"].tolist()) & set(s["test"].tolist())
+    assert task.eval_splits == ("test", "unseen") and by_class_eval(images, labels) == ("test",)
     again = ImageCompletionTask(images=images, labels=labels, seen_classes=[0, 1, 2], max_context=40, max_total=43)
     assert torch.equal(again.splits["test"], s["test"])
     for split in ("test", "unseen"):
@@ -279,6 +297,11 @@ def test_image_splits_are_fixed_disjoint_and_seen_unseen() -> None:
     by_class = ImageCompletionTask(images=images, labels=labels, seen_classes=[0, 1, 2], test_fraction=0.0,
                                    max_context=40, max_total=43)
     assert torch.equal(by_class.splits["test"], s["unseen"]) and by_class.splits["train"].numel() == 30
+
+
+def by_class_eval(images: torch.Tensor, labels: torch.Tensor) -> tuple[str, ...]:
+    return ImageCompletionTask(images=images, labels=labels, seen_classes=[0, 1, 2], test_fraction=0.0,
+                               max_context=40, max_total=43).eval_splits
 
 
 def test_synthetic_images_and_rgb() -> None:
@@ -321,6 +344,7 @@ def test_activity_labels_match_source_recordings() -> None:
         rec, step = raw[..., 0].round().long(), raw[..., 1].round().long()  # [B, T]
         assert torch.equal(labels[rec], b.yt), "each time point must carry its recording's label"
         assert torch.isin(subjects[rec], task.split_subjects[split]).all()
+        assert torch.equal(subjects[rec].unique(), task.split_subjects[split]), "every subject is used"
         assert (subjects[rec] == subjects[rec[:, :1]]).all(), "one subject per sequence"
         same = rec[:, 1:] == rec[:, :-1]
         assert (step[:, 1:] - step[:, :-1])[same].eq(1).all(), "segments are contiguous in time"

@@ -26,6 +26,7 @@ The paper's CelebA and EMNIST are not on any package registry; these real stand-
 
 Splits: ``"train"``; ``"test"`` = the held-out ``test_fraction`` of the seen classes, or, when
 ``test_fraction == 0``, the unseen classes; ``"unseen"`` = the classes not in ``seen_classes``.
+``eval_splits`` lists the distinct evaluation splits (mnist: test and unseen; faces: test).
 A source whose package is missing raises ``ModuleNotFoundError`` (an ``ImportError``) naming the
 package and the ``pip install`` that fixes it.
 
@@ -235,6 +236,9 @@ class ImageCompletionTask(Task):
         self.min_points, self._max_context, self.max_total = min_points, max_context, max_total
         self.num_context, self.num_target = num_context, num_target
         self.splits = self._make_splits(labels, seen, frac, split_seed)
+        # With test_fraction == 0 the test split *is* the unseen classes: evaluate it once.
+        self.eval_splits = tuple(s for s in ("test", "unseen") if s in self.splits and (s == "test" or frac > 0))
+        self.eval_splits = self.eval_splits or ("train",)  # e.g. a single injected image: nothing held out
 
     @staticmethod
     def _check_images(images: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,132 @@
+"""Trainer: determinism, resume, atomic checkpoints, CLI and TensorBoard output."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from training import checkpoint as ckpt_io
+from training.cli import build_parser, main
+from training.config import build_config
+from training.cotrain import Trainer
+
+TINY = dict(task="copy", seq_len=16, d_model=16, nhead=2, dim_ff=32, emb_depth=2, encoder="constant",
+            batch_size=4, eval_size=8, eval_batch=8, log_every=2, progress=False, eval_every=0, ckpt_every=0)
+
+
+def tiny(tmp_path, **kw):
+    return build_config(**{**TINY, "run_dir": str(tmp_path / "run"), **kw})
+
+
+def params(trainer):
+    return {k: v.clone() for k, v in trainer.model.state_dict().items()}
+
+
+@pytest.mark.parametrize("decoder", ["tca", "ca", "perceiver"])
+def test_seeded_runs_are_bit_identical(tmp_path, decoder):
+    a = Trainer(tiny(tmp_path / "a", steps=4, decoder=decoder, dropout=0.1))
+    a.fit()
+    b = Trainer(tiny(tmp_path / "b", steps=4, decoder=decoder, dropout=0.1))
+    b.fit()
+    pa, pb = params(a), params(b)
+    assert all(torch.equal(pa[k], pb[k]) for k in pa)
+    c = Trainer(tiny(tmp_path / "c", steps=4, decoder=decoder, dropout=0.1, seed=1))
+    c.fit()
+    assert not all(torch.equal(pa[k], params(c)[k]) for k in pa)
+
+
+def test_resume_continues_exactly(tmp_path):
+    full = Trainer(tiny(tmp_path / "full", steps=6, dropout=0.1))
+    full.fit()
+    first = Trainer(tiny(tmp_path / "part", steps=6, dropout=0.1))
+    for _ in range(3):
+        first.train_step(first.task.sample(4, first.gen))
+        first.step += 1
+    first.save()
+    resumed = Trainer(tiny(tmp_path / "part", steps=6, dropout=0.1, resume=True))
+    assert resumed.step == 3
+    resumed.fit()
+    pf, pr = params(full), params(resumed)
+    assert all(torch.equal(pf[k], pr[k]) for k in pf)
+
+
+def test_resume_refuses_a_different_model(tmp_path):
+    t = Trainer(tiny(tmp_path, steps=1))
+    t.save()
+    with pytest.raises(ValueError, match="another model config"):
+        Trainer(tiny(tmp_path, steps=1, d_model=32, resume=True))
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    t = Trainer(tiny(tmp_path, steps=1))
+    path = t.save()
+    before = path.read_bytes()
+
+    def broken_save(obj, f):
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        t.save()
+    assert path.read_bytes() == before
+    assert [p.name for p in path.parent.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_corrupt_or_foreign_checkpoint_gives_clear_error(tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="corrupt"):
+        ckpt_io.load(bad)
+    torch.save({"hello": 1}, tmp_path / "foreign.pt")
+    with pytest.raises(ValueError, match="not a tree-retrieval checkpoint"):
+        ckpt_io.load(tmp_path / "foreign.pt")
+    with pytest.raises(FileNotFoundError):
+        ckpt_io.load(tmp_path / "missing.pt")
+    assert main(["eval", "--checkpoint", str(bad)]) == 2
+
+
+def test_bad_config_values_are_rejected():
+    with pytest.raises(ValueError, match="steps"):
+        build_config(steps=0)
+    with pytest.raises(ValueError, match="no preset"):
+        build_config("huge", task="copy")
+    with pytest.raises(ValueError, match="unknown task"):
+        Trainer(build_config(task="sudoku"))
+
+
+def test_help_explains_every_flag():
+    parser = build_parser()
+    sub = parser._subparsers._group_actions[0].choices
+    for name, p in sub.items():
+        for action in p._actions:
+            if action.option_strings and action.dest != "help":
+                assert action.help and len(action.help) > 10, f"tca {name} {action.option_strings} has no help"
+
+
+def test_cli_train_writes_tensorboard_scalars_and_eval_reads_checkpoint(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "training.cli", "train", "--task", "copy", "--seq-len", "16", "--steps", "4",
+           "--batch-size", "4", "--eval-size", "8", "--log-every", "2", "--d-model", "16", "--nhead", "2",
+           "--progress", "false", "--run-dir", str(run)]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=Path(__file__).parents[1], timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "test/accuracy=" in res.stdout
+    ea = EventAccumulator(str(run))
+    ea.Reload()
+    tags = set(ea.Tags()["scalars"])
+    for tag in ("loss", "loss_tca", "loss_ca", "loss_rl", "reward", "accuracy", "entropy", "tokens", "token_frac",
+                "steps_per_sec", "lr"):
+        assert f"train/{tag}" in tags, tag
+    assert "eval/test/accuracy" in tags
+    res = subprocess.run([sys.executable, "-m", "training.cli", "eval", "--checkpoint", str(run / "checkpoint.pt"),
+                          "--json"], capture_output=True, text=True, env=env, timeout=300,
+                         cwd=Path(__file__).parents[1])
+    assert res.returncode == 0, res.stderr
+    assert "test/accuracy" in res.stdout
