@@ -97,7 +97,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         # Quick start: L = 64 (32 context tokens) learns to > 99% in a few CPU minutes.
         "quick": dict(seq_len=64, encoder="constant", dropout=0.1, beta1=0.1, steps=1500, batch_size=16,
                       eval_every=500, run_dir="runs/copy-quick"),
-        "cpu": dict(seq_len=256, encoder="constant", dropout=0.1, beta1=0.1, steps=6000, batch_size=16,
+        "cpu": dict(seq_len=256, encoder="constant", dropout=0.1, beta1=0.1, steps=3000, batch_size=16,
                     eval_every=1000, run_dir="runs/copy-cpu"),
         "paper": dict(seq_len=256, encoder="constant", dropout=0.1, beta1=0.1, steps=100_000, batch_size=128,
                       eval_every=5000, run_dir="runs/copy-paper"),
