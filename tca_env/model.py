@@ -8,7 +8,7 @@ children), the TCA read-out over the retrieved set S, and the full cross attenti
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -107,7 +107,7 @@ def sinusoidal(pos: torch.Tensor, dim: int) -> torch.Tensor:
 def mlp(inp: int, d: int, depth: int) -> nn.Sequential:
     layers: list[nn.Module] = [nn.Linear(inp, d)]
     for _ in range(depth - 1):
-        layers += [nn.ReLU(), nn.Linear(d, d)]
+        layers += [nn.ReLU(inplace=True), nn.Linear(d, d)]
     return nn.Sequential(*layers)
 
 
@@ -125,7 +125,7 @@ class ReadOut(nn.Module):
         self.q_proj = nn.Linear(d, d)
         self.kv_proj = nn.Linear(d, 2 * d)
         self.out_proj = nn.Linear(d, d)
-        self.ff = nn.Sequential(nn.Linear(d, dim_ff), nn.ReLU(), nn.Dropout(dropout), nn.Linear(dim_ff, d))
+        self.ff = nn.Sequential(nn.Linear(d, dim_ff), nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(dim_ff, d))
         self.drop = nn.Dropout(dropout)
 
     def queries(self, x: torch.Tensor) -> torch.Tensor:
@@ -135,8 +135,12 @@ class ReadOut(nn.Module):
 
     def keys_values(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``[..., D]`` -> keys and values ``[..., H, dh]``."""
-        k, v = self.kv_proj(self.norm_kv(x)).unflatten(-1, (2, self.nhead, self.dh)).unbind(-3)
-        return k, v
+        # Two half-width products rather than one split output: each comes out contiguous, so the
+        # search's row gathers never copy the whole table.
+        h = self.norm_kv(x)
+        w, b = self.kv_proj.weight.chunk(2), self.kv_proj.bias.chunk(2)
+        shape = (self.nhead, self.dh)
+        return F.linear(h, w[0], b[0]).unflatten(-1, shape), F.linear(h, w[1], b[1]).unflatten(-1, shape)
 
     def finish(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """Residual + feed-forward after attention: ``x [.., D]``, ``attn [.., H, dh]`` -> ``[.., D]``."""
@@ -215,9 +219,9 @@ class Context:
     """What a batch of trees offers its queries: everything the search and the read-out need."""
 
     batch: Batch
-    enc: torch.Tensor  # [B, N, D] context encodings
-    query_emb: torch.Tensor  # [B, M, D]
-    q: torch.Tensor  # [B, M, H, dh] read-out queries (pre-scaled)
+    enc: torch.Tensor | None  # [B, N, D] context encodings (None once dropped by a lean prepare)
+    query_emb: torch.Tensor | None  # [B, M, D]
+    q: torch.Tensor | None  # [B, M, H, dh] read-out queries (pre-scaled)
     tree: Tree | None = None
     kv: S.TreeKV | None = None
     enc_kv: tuple[torch.Tensor, torch.Tensor] | None = None  # [B, N, H, dh] each, for full attention
@@ -282,28 +286,48 @@ class ReTreever(nn.Module):
         if c.head == "class" and batch.yt.dtype != torch.long:
             raise ValueError(f"classification targets must be long class indices; got {batch.yt.dtype}")
 
-    def encode(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Context encodings ``[B, N, D]`` and query embeddings ``[B, M, D]``."""
+    def encode_context(self, batch: Batch) -> torch.Tensor:
+        """Context encodings ``[B, N, D]``."""
         self._check(batch)
         x = batch.xc if batch.yc is None else torch.cat([batch.xc, batch.yc], -1)
         h = self.ctx_embed(x)  # [B, N, D]
-        qe = self.query_embed(batch.xt)  # [B, M, D]
         if self.cfg.sequential:
             h = h + sinusoidal(batch.pc, self.cfg.d_model)
-            qe = qe + sinusoidal(batch.pt, self.cfg.d_model)
-        return self.encoder(h), qe
+        return self.encoder(h)
 
-    def prepare(self, batch: Batch) -> Context:
-        """Embed, encode, and (TCA) build the tree with every node's keys and values projected once."""
-        enc, qe = self.encode(batch)
-        ctx = Context(batch, enc, qe, self.readout.queries(qe))
-        if self.cfg.decoder == "perceiver":
-            return ctx
-        ctx.enc_kv = self.readout.keys_values(enc)  # [B, N, H, dh] x2
-        if self.cfg.decoder == "tca":
-            ctx.tree = build_tree(enc, self.cfg.branch, self.aggregator, self.cfg.ordering, batch.xc,
-                                  self.cfg.coord, self.cfg.bptt)
-            ctx.kv = S.TreeKV.from_tree(ctx.tree, self.readout.keys_values, self._slot_kv(ctx))
+    def embed_queries(self, batch: Batch) -> torch.Tensor:
+        """Query embeddings ``[B, M, D]``."""
+        qe = self.query_embed(batch.xt)  # [B, M, D]
+        if self.cfg.sequential:
+            qe = qe + sinusoidal(batch.pt, self.cfg.d_model)
+        return qe
+
+    def prepare(self, batch: Batch, full: bool | None = None, lean: bool = False) -> Context:
+        """Embed, encode, and (TCA) build the tree with every node's keys and values projected once.
+
+        Args:
+            full: also project the N encodings for full cross attention (needed by L_CA and "ca";
+                default: when the decoder is "ca" or the model is training with lambda_CA > 0).
+            lean: drop the encodings and the tree's embeddings once their keys and values exist (greedy
+                inference keeps only what the search and read-out use).
+        """
+        c = self.cfg
+        if full is None:
+            full = c.decoder == "ca" or (c.decoder == "tca" and self.training and c.lambda_ca > 0)
+        enc = self.encode_context(batch)
+        ctx = Context(batch, enc, None, None)
+        if full:
+            ctx.enc_kv = self.readout.keys_values(enc)  # [B, N, H, dh] x2
+        if c.decoder == "tca":
+            # The tree is built before the queries are embedded so that the aggregation's
+            # temporaries and the queries are never in memory at the same time.
+            ctx.tree = build_tree(enc, c.branch, self.aggregator, c.ordering, batch.xc, c.coord, c.bptt)
+            tok_kv = self._slot_kv(ctx) if full else None
+            ctx.kv = S.TreeKV.from_tree(ctx.tree, self.readout.keys_values, tok_kv)
+            if lean:
+                ctx.enc = ctx.tree = None
+        ctx.query_emb = self.embed_queries(batch)
+        ctx.q = self.readout.queries(ctx.query_emb)
         return ctx
 
     def _slot_kv(self, ctx: Context) -> tuple[torch.Tensor, torch.Tensor]:
@@ -322,8 +346,7 @@ class ReTreever(nn.Module):
 
     def predict_path(self, ctx: Context, path: torch.Tensor, descent: S.Descent | None = None) -> torch.Tensor:
         """Head output ``[B, M, out]`` from attending over the retrieved set of ``path [B, M, k+1]``."""
-        scores, masks = (descent.scores, descent.masks) if descent is not None else (None, None)
-        attn = S.readout(ctx.kv, ctx.q, path, scores, masks)
+        attn = S.readout(ctx.kv, ctx.q, path, descent)
         return self.head(self.readout.finish(ctx.query_emb, attn))
 
     def predict_full(self, ctx: Context) -> torch.Tensor:
@@ -350,7 +373,9 @@ class ReTreever(nn.Module):
             with_ca: compute L_CA (default: in training mode when lambda_CA > 0).
         """
         c = self.cfg
-        ctx = self.prepare(batch)
+        if with_ca is None:
+            with_ca = self.training and c.lambda_ca > 0
+        ctx = self.prepare(batch, full=c.decoder == "ca" or (c.decoder == "tca" and with_ca))
         if c.decoder == "ca":
             out = self.predict_full(ctx)
             return self._plain_output(out, batch)
@@ -358,11 +383,9 @@ class ReTreever(nn.Module):
             return self._plain_output(self.predict_perceiver(ctx), batch)
         descent = S.descend(ctx.kv, ctx.q, search, actions, generator)
         out = self.predict_path(ctx, descent.path, descent)
-        if with_ca is None:
-            with_ca = self.training and c.lambda_ca > 0
         out_ca = self.predict_full(ctx) if with_ca else None
         loss, terms = self.tca_loss(out, batch.yt, descent.log_prob, descent.entropy, out_ca)
-        terms["tokens"] = torch.tensor(float(ctx.tree.shape.retrieved_size))
+        terms["tokens"] = torch.tensor(float(ctx.kv.shape.retrieved_size))
         terms["token_frac"] = terms["tokens"] / batch.N
         return Output(out, loss, terms, self.head.metric(out.detach(), batch.yt), descent, out_ca)
 
@@ -407,13 +430,13 @@ class ReTreever(nn.Module):
     def predict(self, batch: Batch) -> torch.Tensor:
         """Greedy inference: head output ``[B, M, out]`` with the configured decoder."""
         c = self.cfg
-        ctx = self.prepare(batch)
+        ctx = self.prepare(batch, lean=True)
         if c.decoder == "ca":
             return self.predict_full(ctx)
         if c.decoder == "perceiver":
             return self.predict_perceiver(ctx)
         descent = S.descend(ctx.kv, ctx.q, "greedy")
-        return self.predict_path(ctx, descent.path, descent)
-
-    def config_dict(self) -> dict:
-        return asdict(self.cfg)
+        attn = S.readout(ctx.kv, ctx.q, descent.path, descent)
+        del descent
+        ctx.kv = ctx.q = None  # the tree's keys and values are not needed for the feed-forward
+        return self.head(self.readout.finish(ctx.query_emb, attn))

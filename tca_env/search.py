@@ -76,16 +76,21 @@ def child_scores(kv: TreeKV, q: torch.Tensor, s: int, node: torch.Tensor) -> tup
     Returns scores ``[B, M, b, H]`` and the children's mask ``[B, M, b]``.
     """
     idx = child_index(kv.shape, s, node)  # [B, M, b]
-    return _scores(q, _gather_rows(kv.keys[s], idx)), _gather_rows(kv.masks[s], idx)
+    return _scores(q, kv.keys[s], idx), _gather_rows(kv.masks[s], idx)
 
 
-def _scores(q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """``q [B, M, H, dh]``, ``keys [B, M, c, H, dh]`` -> ``[B, M, c, H]``.
+def _scores(q: torch.Tensor, keys: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Scores ``[B, M, c, H]`` of ``q [B, M, H, dh]`` against the rows ``idx [B, M, c]`` of ``keys [B, R, H, dh]``.
 
-    Broadcast-multiply-sum: for a handful of keys per query this beats a batched matmul by far. Keys
-    stay before heads: CPU softmax over a short last dim is several times slower than over dim 2.
+    Broadcast-multiply-sum, one key column at a time (c <= b + 1 is small): on a CPU this beats a
+    batched matmul of tiny matrices by far, and the temporaries stay the size of ``q``. Keys stay
+    before heads: CPU softmax over a short last dim is several times slower than over dim 2.
     """
-    return (q.unsqueeze(2) * keys).sum(-1)
+    cols = []
+    for j in range(idx.shape[-1]):
+        kj = _gather_rows(keys, idx[..., j:j + 1]).squeeze(2)  # [B, M, H, dh], a fresh copy
+        cols.append((kj.mul_(q) if not torch.is_grad_enabled() else kj * q).sum(-1))
+    return torch.stack(cols, dim=2)
 
 
 def policy_log_probs(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -144,11 +149,16 @@ class Descent:
     """A whole root-to-leaf search for every query."""
 
     path: torch.Tensor  # [B, M, k+1] node index per level
-    actions: torch.Tensor  # [B, M, k]
     log_prob: torch.Tensor  # [B, M] sum over levels of log pi(chosen)
     entropy: torch.Tensor  # [B, M] sum over levels of the policy's entropy
-    scores: list[torch.Tensor]  # k x [B, M, b, H]
-    masks: list[torch.Tensor]  # k x [B, M, b]
+    sib_logits: list[torch.Tensor]  # k x [B, M, b-1, H] read-out logits of the siblings (padding masked)
+
+    b: int  # branch factor
+
+    @property
+    def actions(self) -> torch.Tensor:
+        """``[B, M, k]`` the child chosen at each step (derived from the path rather than stored)."""
+        return self.path[..., 1:] - self.b * self.path[..., :-1]
 
 
 def descend(kv: TreeKV, q: torch.Tensor, mode: str = "greedy", actions: torch.Tensor | None = None,
@@ -156,21 +166,29 @@ def descend(kv: TreeKV, q: torch.Tensor, mode: str = "greedy", actions: torch.Te
     """Run :func:`step` k times (a loop over levels only). ``actions [B, M, k]`` replays a given path."""
     B, M = q.shape[:2]
     k = kv.shape.k
-    node = torch.zeros(B, M, dtype=torch.long, device=q.device)
-    path, acts, scores, masks = [node], [], [], []
+    path = torch.zeros(B, M, k + 1, dtype=torch.long, device=q.device)
+    sib_logits = []
     log_prob = q.new_zeros(B, M)
     ent = q.new_zeros(B, M)
     for s in range(k):
-        r = step(kv, q, s, node, mode, None if actions is None else actions[..., s], generator)
+        r = step(kv, q, s, path[..., s], mode, None if actions is None else actions[..., s], generator)
         log_prob = log_prob + r.log_probs.gather(-1, r.action.unsqueeze(-1)).squeeze(-1)
         ent = ent + entropy(r.log_probs)
-        node = r.node
-        path.append(node)
-        acts.append(r.action)
-        scores.append(r.scores)
-        masks.append(r.mask)
-    actions_t = torch.stack(acts, -1) if k else torch.zeros(B, M, 0, dtype=torch.long, device=q.device)
-    return Descent(torch.stack(path, -1), actions_t, log_prob, ent, scores, masks)
+        path[..., s + 1] = r.node
+        sib_logits.append(_sibling_logits(r.scores, r.mask, r.action.unsqueeze(-1)))
+    return Descent(path, log_prob, ent, sib_logits, kv.shape.b)
+
+
+def _sibling_logits(scores: torch.Tensor, mask: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+    """Keep the per-head scores ``[B, M, b, H]`` of the b-1 unselected children: ``[B, M, b-1, H]``.
+
+    Padded siblings get a finite large negative logit (weight exactly 0 after the softmax).
+    """
+    b, H = scores.shape[2], scores.shape[3]
+    others = torch.arange(b - 1, device=action.device)
+    pos = others + (others >= action)  # [B, M, b-1]
+    sib = scores.gather(2, pos.unsqueeze(-1).expand(*pos.shape, H))
+    return sib.masked_fill(~mask.gather(2, pos).unsqueeze(-1), -torch.finfo(scores.dtype).max)
 
 
 @dataclass
@@ -203,8 +221,8 @@ def retrieved_set(tree: Tree, path: torch.Tensor) -> RetrievedSet:
     levels, idx, mask = [], [], []
     others = torch.arange(b - 1, device=dev)
     for s in range(k):
-        a = (path[..., s + 1] - b * path[..., s]).unsqueeze(-1)  # [B, M, 1]
-        sib = path[..., s : s + 1] * b + others + (others >= a)  # [B, M, b-1]
+        a = path[..., s + 1:s + 2] - b * path[..., s:s + 1]  # [B, M, 1]
+        sib = path[..., s:s + 1] * b + others + (others >= a)  # [B, M, b-1]
         levels.append(torch.full((b - 1,), s + 1, device=dev))
         idx.append(sib)
         mask.append(_gather_rows(tree.node_mask[s + 1], sib))
@@ -215,32 +233,63 @@ def retrieved_set(tree: Tree, path: torch.Tensor) -> RetrievedSet:
     return RetrievedSet(torch.cat(levels), torch.cat(idx, -1), torch.cat(mask, -1))
 
 
-def readout(kv: TreeKV, q: torch.Tensor, path: torch.Tensor, scores: list[torch.Tensor] | None = None,
-            masks: list[torch.Tensor] | None = None) -> torch.Tensor:
+def readout(kv: TreeKV, q: torch.Tensor, path: torch.Tensor, descent: Descent | None = None) -> torch.Tensor:
     """Multi-head attention of each query over its retrieved set: ``[B, M, H, dh]``.
 
-    Siblings reuse the per-head scores of the descent when given (``scores``/``masks`` from
-    :class:`Descent`); otherwise they are recomputed from ``path``. Values are gathered one level at a
-    time, so memory stays O(B*M*b*D) rather than O(B*M*|S|*D).
+    The siblings' logits come from ``descent`` when given (the scores the policy already computed);
+    otherwise they are recomputed from ``path``. Values are gathered one slot of S at a time and
+    accumulated, so memory stays O(B*M*D) rather than O(B*M*|S|*D).
     """
     shape = kv.shape
     b, k = shape.b, shape.k
-    neg = -torch.finfo(q.dtype).max
-    logits, values_idx = [], []
-    for s in range(k):
-        if scores is None:
+    if descent is not None:
+        logits = list(descent.sib_logits)
+    else:
+        logits = []
+        for s in range(k):
             sc, cm = child_scores(kv, q, s, path[..., s])
-        else:
-            sc, cm = scores[s], masks[s]
-        chosen = path[..., s + 1:s + 2] - b * path[..., s:s + 1] == torch.arange(b, device=q.device)
-        logits.append(sc.masked_fill(~(cm & ~chosen).unsqueeze(-1), neg))  # [B, M, b, H]
-        values_idx.append(child_index(shape, s, path[..., s]))
+            logits.append(_sibling_logits(sc, cm, path[..., s + 1:s + 2] - b * path[..., s:s + 1]))
     tok = bucket_index(shape, path[..., k])  # [B, M, P]
-    tok_scores = _scores(q, _gather_rows(kv.tok_keys, tok))  # [B, M, P, H]
-    logits.append(tok_scores.masked_fill(~_gather_rows(kv.tok_mask, tok).unsqueeze(-1), neg))
-    attn = torch.cat(logits, dim=2).softmax(dim=2).unsqueeze(-1)  # [B, M, k*b + P, H, 1]
-    out = (attn[:, :, k * b:] * _gather_rows(kv.tok_values, tok)).sum(2)  # [B, M, H, dh]
+    tok_scores = _scores(q, kv.tok_keys, tok)  # [B, M, P, H]
+    logits.append(tok_scores.masked_fill(~_gather_rows(kv.tok_mask, tok).unsqueeze(-1), -torch.finfo(q.dtype).max))
+    attn = _softmax(torch.cat(logits, dim=2)).unsqueeze(-1)  # [B, M, |S|, H, 1]
+    del logits, tok_scores
+    n = (b - 1) * k
+    # Accumulate one slot of S at a time with an in-place multiply-add (autograd-safe: addcmul's
+    # backward needs only its factors), so no [B, M, |S|, H, dh] tensor ever exists.
+    out = torch.zeros_like(q)  # [B, M, H, dh]
+    for j in range(shape.P):
+        out.addcmul_(attn[:, :, n + j], _gather_rows(kv.tok_values, tok[..., j:j + 1]).squeeze(2))
+    others = torch.arange(b - 1, device=path.device)
     for s in range(k):
-        v = _gather_rows(kv.values[s], values_idx[s])  # [B, M, b, H, dh]
-        out = out + (attn[:, :, s * b:(s + 1) * b] * v).sum(2)
+        a = path[..., s + 1:s + 2] - b * path[..., s:s + 1]  # [B, M, 1]
+        sib = path[..., s:s + 1] * b + others + (others >= a)  # [B, M, b-1]
+        for j in range(b - 1):
+            v = _gather_rows(kv.values[s], sib[..., j:j + 1]).squeeze(2)  # [B, M, H, dh]
+            out.addcmul_(attn[:, :, s * (b - 1) + j], v)
     return out
+
+
+def _softmax(x: torch.Tensor) -> torch.Tensor:
+    """Softmax over dim 2, in place when no graph is recorded (inference memory)."""
+    if torch.is_grad_enabled():
+        return x.softmax(dim=2)
+    x -= x.amax(dim=2, keepdim=True)
+    x.exp_()
+    return x.div_(x.sum(dim=2, keepdim=True))
+
+
+def _softmax(x: torch.Tensor) -> torch.Tensor:
+    """Softmax over dim 2, in place when no graph is recorded (inference memory)."""
+    if torch.is_grad_enabled():
+        return x.softmax(dim=2)
+    x -= x.amax(dim=2, keepdim=True)
+    x.exp_()
+    return x.div_(x.sum(dim=2, keepdim=True))
+
+
+def _weighted(attn: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``attn [B, M, c, H, 1]``, freshly gathered ``values [B, M, c, H, dh]`` -> ``[B, M, H, dh]``."""
+    if torch.is_grad_enabled():
+        return (attn * values).sum(2)
+    return values.mul_(attn).sum(2)

@@ -157,20 +157,30 @@ class Aggregator(nn.Module):
         self.norm1, self.norm2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.out = nn.Linear(d_model, d_model)
-        self.ff = nn.Sequential(nn.Linear(d_model, dim_ff), nn.ReLU(), nn.Dropout(dropout), nn.Linear(dim_ff, d_model))
+        self.ff = nn.Sequential(nn.Linear(d_model, dim_ff), nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(dim_ff, d_model))
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x ``[G, c, D]`` groups of c children, mask ``[G, c]`` -> node ``[G, D]``, node mask ``[G]``."""
+        c = x.shape[1]
         q, k, v = self.qkv(self.norm1(x)).unflatten(-1, (3, self.nhead, self.dh)).unbind(-3)  # [G, c, H, dh]
-        scores = (q.unsqueeze(2) * k.unsqueeze(1)).sum(-1) * self.dh**-0.5  # [G, c, c, H]
+        # One key at a time (c <= b + 1 is small): temporaries stay at the size of q instead of c times it.
+        scores = torch.stack([(q * k[:, j:j + 1]).sum(-1) for j in range(c)], dim=2) * self.dh**-0.5  # [G, c, c, H]
         # A finite large negative (not -inf) keeps fully padded groups finite; the masked mean drops them.
-        scores = scores.masked_fill(~mask[:, None, :, None], -torch.finfo(x.dtype).max)
-        attn = (scores.softmax(dim=2).unsqueeze(-1) * v.unsqueeze(1)).sum(2)  # [G, c, H, dh]
-        h = x + self.drop(self.out(attn.flatten(-2)))
-        h = h + self.drop(self.ff(self.norm2(h)))  # [G, c, D]
+        attn = scores.masked_fill(~mask[:, None, :, None], -torch.finfo(x.dtype).max).softmax(dim=2)
+        out = torch.zeros_like(q)  # [G, c, H, dh]
+        for j in range(c):
+            out.addcmul_(attn[:, :, j:j + 1].transpose(2, 3), v[:, j:j + 1])  # in place: autograd-safe
+        del q, k, v
+        h = self.out(out.flatten(-2)).add_(x) if self.drop.p == 0 else x + self.drop(self.out(out.flatten(-2)))
+        del out
+        f = self.drop(self.ff(self.norm2(h)))
+        # h feeds norm2's backward, so it may only be overwritten when no graph is recorded.
+        inplace = not torch.is_grad_enabled()
+        h = h.add_(f) if inplace else h + f  # [G, c, D]
+        del f
         w = mask.to(x.dtype).unsqueeze(-1)  # [G, c, 1]
-        node = (h * w).sum(1) / w.sum(1).clamp_min(1.0)  # [G, D]
+        node = (h.mul_(w) if inplace else h * w).sum(1) / w.sum(1).clamp_min(1.0)  # [G, D]
         return node, mask.any(1)
 
 
@@ -218,9 +228,8 @@ def build_tree(enc: torch.Tensor, b: int, aggregator: Aggregator, ordering: str 
     shape = TreeShape(N, b)
     perm = order_tokens(coords, N, b, ordering, coord, batch_size=B)  # [B, N]
     slot = shape.slot_index(enc.device)  # [N]
-    ordered = enc.gather(1, perm.unsqueeze(-1).expand(B, N, D))  # [B, N, D]
     tokens = enc.new_zeros(B, shape.num_slots, D)
-    tokens[:, slot] = ordered  # [B, P*b^k, D]
+    tokens[:, slot] = enc.gather(1, perm.unsqueeze(-1).expand(B, N, D))  # [B, P*b^k, D]
     token_mask = shape.slot_mask(enc.device).expand(B, -1)  # [B, P*b^k]
 
     k, P = shape.k, shape.P

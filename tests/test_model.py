@@ -35,7 +35,7 @@ def reference_cross_attention(mod, x, ctx):
 @torch.no_grad()
 def test_ca_readout_equals_reference_cross_attention():
     model, batch = copy_model("ca")
-    enc, qe = model.encode(batch)
+    enc, qe = model.encode_context(batch), model.embed_queries(batch)
     expected = model.head(reference_cross_attention(model.readout, qe, enc))
     torch.testing.assert_close(model.predict(batch), expected, rtol=1e-4, atol=1e-5)
 

@@ -80,17 +80,18 @@ def test_sampling_matches_policy_distribution():
     assert int((a == 2).sum()) == 0
 
 
-@torch.no_grad()
 def test_step_by_step_equals_whole_descent_and_replay():
     model, batch = small_model(n=30, b=2)
     ctx = model.prepare(batch)
     d = S.descend(ctx.kv, ctx.q, "sample", generator=torch.Generator().manual_seed(1))
     node = torch.zeros(2, 5, dtype=torch.long)
+    log_prob = torch.zeros(2, 5)
     for s in range(ctx.kv.shape.k):
         r = S.step(ctx.kv, ctx.q, s, node, action=d.actions[..., s])
-        torch.testing.assert_close(r.scores, d.scores[s])
+        log_prob += r.log_probs.gather(-1, r.action.unsqueeze(-1)).squeeze(-1)
         node = r.node
     assert torch.equal(node, d.path[..., -1])
+    torch.testing.assert_close(log_prob, d.log_prob)
     replay = S.descend(ctx.kv, ctx.q, actions=d.actions)
     torch.testing.assert_close(replay.log_prob, d.log_prob)
     # The read-out recomputing scores from the path equals the one reusing the descent's scores.
@@ -102,7 +103,7 @@ def test_readout_equals_reference_attention_over_gathered_S():
     with torch.no_grad():
         ctx = model.prepare(batch)
         d = S.descend(ctx.kv, ctx.q, "sample", generator=torch.Generator().manual_seed(2))
-        out = S.readout(ctx.kv, ctx.q, d.path, d.scores, d.masks)
+        out = S.readout(ctx.kv, ctx.q, d.path, d)
         rs = S.retrieved_set(ctx.tree, d.path)
         emb = rs.embeddings(ctx.tree)  # [B, M, |S|, D]
         k, v = model.readout.keys_values(emb)  # [B, M, |S|, H, dh]
