@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tca_env import search as S
-from tca_env.tree import Aggregator, TreeShape, build_tree, order_tokens, tree_depth
+from tca_env.tree import Aggregator, build_tree, order_tokens, tree_depth
 
 NS = [1, 2, 3, 5, 17, 128, 1000]
 BS = [2, 3, 4]
@@ -153,7 +153,7 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="at least one token"):
         build_tree(torch.randn(2, 0, 8), 2, agg)
     with pytest.raises(ValueError, match="branch factor"):
-        TreeShape(5, 1).k
+        tree_depth(5, 1)
     with pytest.raises(ValueError, match="unknown ordering"):
         order_tokens(torch.rand(1, 5, 2), 5, 2, "hilbert")
     with pytest.raises(ValueError, match="needs coordinates"):
