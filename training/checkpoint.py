@@ -15,7 +15,10 @@ from typing import Any
 import numpy as np
 import torch
 
-FORMAT = "tree-retrieval-checkpoint-v1"
+# Reading is shared with the environment, which must not import the trainer.
+from tca_env.checkpoint import FORMAT, load
+
+__all__ = ["FORMAT", "load", "rng_state", "save_atomic", "set_rng_state"]
 
 
 def save_atomic(obj: dict[str, Any], path: str | os.PathLike) -> Path:
@@ -51,20 +54,3 @@ def set_rng_state(state: dict[str, Any], generator: torch.Generator | None = Non
         torch.cuda.set_rng_state_all(state["cuda"])
     if generator is not None and "generator" in state:
         generator.set_state(state["generator"])
-
-
-def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load and sanity-check a checkpoint; a missing, corrupt or foreign file raises a clear error."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as e:  # torch raises several types for truncated / garbage files
-        raise ValueError(f"checkpoint {path} is corrupt or unreadable: {e}") from e
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a tree-retrieval checkpoint (expected format {FORMAT!r})")
-    for key in ("model", "model_config", "train_config", "step"):
-        if key not in ckpt:
-            raise ValueError(f"checkpoint {path} lacks {key!r}")
-    return ckpt

@@ -12,16 +12,20 @@ import math
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm.auto import tqdm
 
-from tca_env.model import ModelConfig, ReTreever
+from tca_env.checkpoint import load_predictor
+from tca_env.model import ReTreever
 from tca_env.tasks import Batch
 
 from . import checkpoint as ckpt_io
 from .config import TrainConfig
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 METRIC_NAMES = {"class": "accuracy", "normal": "log_likelihood", "reg": "neg_mse"}
 
@@ -85,6 +89,13 @@ class Trainer:
                 count += m.numel()
             out[f"{split}/{self.metric_name}"] = total / count
         return out
+
+    @torch.no_grad()
+    def figure(self) -> Figure | None:
+        """The task's figure (:meth:`Task.figure`) of greedy predictions on a fixed batch, or None."""
+        self.model.eval()
+        batch = self.task.figure_batch(torch.Generator().manual_seed(self.cfg.eval_seed), self.device)
+        return self.task.figure(batch, self.model.predict(batch), self.model.head)
 
     # ---------------------------------------------------------------------------------- checkpoints
 
@@ -153,6 +164,9 @@ class Trainer:
     def _log_eval(self, writer, evals: dict[str, float], bar) -> None:
         for k, v in evals.items():
             writer.add_scalar(f"eval/{k}", v, self.step)
+        fig = self.figure()
+        if fig is not None:
+            writer.add_figure("eval/figure", fig, self.step)
         msg = " ".join(f"{k}={v:.4f}" for k, v in evals.items())
         (bar.write if bar is not None else print)(f"step {self.step}: eval {msg}")
 
@@ -166,10 +180,4 @@ class Trainer:
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[ReTreever, dict[str, Any]]:
     """A trained model (in eval mode) and its checkpoint dict."""
-    ckpt = ckpt_io.load(path, device)
-    model = ReTreever(ModelConfig(**ckpt["model_config"])).to(device)
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        raise ValueError(f"checkpoint {path} does not match its own model config: {e}") from e
-    return model.eval(), ckpt
+    return load_predictor(path, device)

@@ -1,0 +1,125 @@
+"""The paper's search policy, the attention of the query over the children, trained by REINFORCE.
+
+pi(c | query, children) = mean_h softmax_c <W_q LN(query)_h, W_k LN(child_c)_h> (DESIGN.md section 2.6).
+By default the policy *is* the predictor's read-out attention (``shared=True``, as in the paper): acting
+on the env's observations then gives exactly the probabilities of the fused search, and its REINFORCE
+term is computed on the predictor's differentiable replay of the agent's actions, so the gradient
+reaches the tree's internal nodes. A standalone policy (``shared=False``) owns a copy of the read-out,
+sees only the detached observations and learns from the env's rewards with its own optimizer.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from tca_env import search
+from tca_env.model import BASELINES, ReadOut, ReTreever
+
+
+class AttentionPolicy(nn.Module):
+    """Log-probabilities ``[n, b]`` of the children from an observation batch, with a read-out's weights."""
+
+    def __init__(self, readout: ReadOut):
+        super().__init__()
+        self.readout = readout
+
+    def forward(self, query_emb: torch.Tensor, child_emb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``query_emb [n, D]``, ``child_emb [n, b, D]``, ``mask [n, b]`` -> log pi ``[n, b]`` (masked: -inf)."""
+        q = self.readout.queries(query_emb)  # [n, H, dh] pre-scaled
+        keys, _ = self.readout.keys_values(child_emb)  # [n, b, H, dh]
+        scores = (q.unsqueeze(1) * keys).sum(-1)  # [n, b, H]
+        # The search's own softmax-then-average, so both paths give the same numbers.
+        return search.policy_log_probs(scores.unsqueeze(0), mask.bool().unsqueeze(0)).squeeze(0)
+
+
+def obs_to_torch(obs: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: torch.as_tensor(np.asarray(v) if not isinstance(v, torch.Tensor) else v, device=device)
+            for k, v in obs.items()}
+
+
+class ReinforceAgent:
+    """REINFORCE on the attention policy: loss = -(sum_s log pi(a_s)) (R - baseline) - entropy_coef * H.
+
+    Args:
+        predictor: the ReTreever whose read-out attention is the policy (shared) or is copied (standalone).
+        shared: share the predictor's read-out (the paper) rather than train a copy of it.
+        lr: Adam learning rate of a standalone policy (a shared one is stepped with the predictor).
+        entropy_coef: weight of the entropy bonus (paper: 0.01).
+        baseline: ``"none"``, ``"batch_mean"`` or ``"ema"`` (moving average of the reward, decay ``ema_decay``).
+        seed: seed of the generator that samples actions.
+    """
+
+    def __init__(self, predictor: ReTreever, shared: bool = True, lr: float = 5e-4, entropy_coef: float = 0.01,
+                 baseline: str = "none", ema_decay: float = 0.99, seed: int = 0):
+        if baseline not in BASELINES:
+            raise ValueError(f"unknown baseline {baseline!r}; choose one of {BASELINES}")
+        if not 0.0 <= ema_decay < 1.0:
+            raise ValueError(f"ema_decay must lie in [0, 1); got {ema_decay}")
+        self.shared, self.entropy_coef, self.baseline, self.ema_decay = shared, entropy_coef, baseline, ema_decay
+        readout = predictor.readout if shared else copy.deepcopy(predictor.readout)
+        self.policy = AttentionPolicy(readout)
+        self.device = next(predictor.parameters()).device
+        self.optimizer = None if shared else torch.optim.Adam(self.policy.parameters(), lr=lr)
+        self.reward_ema = 0.0
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def act(self, obs: dict[str, Any], deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Actions ``[n]`` and the policy's log-probabilities ``[n, b]`` (differentiable when grad is on)."""
+        o = obs_to_torch(obs, self.device)
+        logp = self.policy(o["query_emb"], o["child_emb"], o["action_mask"])
+        return search.choose(logp, "greedy" if deterministic else "sample", self.generator), logp
+
+    @torch.no_grad()
+    def predict(self, obs: dict[str, Any], state: Any = None, episode_start: Any = None,
+                deterministic: bool = False) -> tuple[np.ndarray, None]:
+        """SB3-style ``predict`` on a batch of observations."""
+        return self.act(obs, deterministic)[0].cpu().numpy(), None
+
+    def advantage(self, reward: torch.Tensor) -> torch.Tensor:
+        """Reward minus the baseline; the "ema" baseline moves after it is used (as the fused model's)."""
+        if self.baseline == "batch_mean":
+            return reward - reward.mean()
+        if self.baseline == "ema":
+            adv = reward - self.reward_ema
+            self.reward_ema = self.ema_decay * self.reward_ema + (1 - self.ema_decay) * float(reward.mean())
+            return adv
+        return reward
+
+    def loss(self, log_prob: torch.Tensor, entropy: torch.Tensor, reward: torch.Tensor) -> torch.Tensor:
+        """REINFORCE with entropy bonus from path log-probs, path entropies and rewards (all ``[...]``)."""
+        adv = self.advantage(reward.detach())
+        return -(log_prob * adv).mean() - self.entropy_coef * entropy.mean()
+
+    def update(self, log_prob: torch.Tensor, entropy: torch.Tensor, reward: torch.Tensor,
+               clip: float | None = 1.0) -> float:
+        """One optimizer step of a standalone policy; returns the loss."""
+        if self.optimizer is None:
+            raise RuntimeError("a shared policy is the predictor's read-out: it learns in the predictor's update")
+        loss = self.loss(log_prob, entropy, reward)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(self.policy.parameters(), clip)
+        self.optimizer.step()
+        return float(loss)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"shared": self.shared, "entropy_coef": self.entropy_coef, "baseline": self.baseline,
+                "ema_decay": self.ema_decay, "reward_ema": self.reward_ema, "generator": self.generator.get_state(),
+                "policy": None if self.shared else self.policy.state_dict(),
+                "optimizer": None if self.optimizer is None else self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["shared"] != self.shared:
+            raise ValueError(f"saved agent has shared={state['shared']}, this one shared={self.shared}")
+        self.entropy_coef, self.baseline, self.ema_decay = state["entropy_coef"], state["baseline"], state["ema_decay"]
+        self.reward_ema = state["reward_ema"]
+        self.generator.set_state(state["generator"])
+        if not self.shared:
+            self.policy.load_state_dict(state["policy"])
+            self.optimizer.load_state_dict(state["optimizer"])

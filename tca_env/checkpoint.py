@@ -1,0 +1,45 @@
+"""Reading checkpoints: what the environment needs to load a trained predictor.
+
+Writing (atomic saves, RNG states) belongs to the trainer (``training/checkpoint.py``); reading lives
+here so that ``gym.make("TreeRetrieval-v0", predictor="run/checkpoint.pt")`` needs no trainer.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .model import ModelConfig, ReTreever
+
+FORMAT = "tree-retrieval-checkpoint-v1"
+
+
+def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load and sanity-check a checkpoint; a missing, corrupt or foreign file raises a clear error."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:  # torch raises several types for truncated / garbage files
+        raise ValueError(f"checkpoint {path} is corrupt or unreadable: {e}") from e
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a tree-retrieval checkpoint (expected format {FORMAT!r})")
+    for key in ("model", "model_config", "train_config", "step"):
+        if key not in ckpt:
+            raise ValueError(f"checkpoint {path} lacks {key!r}")
+    return ckpt
+
+
+def load_predictor(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[ReTreever, dict[str, Any]]:
+    """A trained ReTreever (in eval mode) and its checkpoint dict."""
+    ckpt = load(path, device)
+    try:
+        model = ReTreever(ModelConfig(**ckpt["model_config"])).to(device)
+        model.load_state_dict(ckpt["model"])
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"checkpoint {path} does not match its own model config: {e}") from e
+    return model.eval(), ckpt

@@ -1,0 +1,508 @@
+"""TreeRetrieval-v0: one query descends one tree of Tree Cross Attention, one level per step.
+
+:class:`TreeQueries` is the engine shared by :class:`TreeRetrievalEnv` (one query at a time, numpy)
+and :class:`~tca_env.vector_env.TreeRetrievalVectorEnv` (many queries in lockstep, torch): it samples a
+task batch, has the predictor build the trees once (``ReTreever.prepare``), serves the batch's B*M
+queries in rounds of ``num_slots`` episodes, advances every slot with :func:`tca_env.search.step` (the
+per-level step of the fused trainer) and scores each leaf with ``model.predict_path`` and
+``model.head.reward``.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass, fields, is_dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+from gymnasium import spaces
+
+from . import search
+from .checkpoint import load_predictor
+from .model import Context, ModelConfig, ReTreever
+from .tasks import Batch, Task, make_task
+from .tree import TreeShape, tree_depth
+
+INVALID_ACTIONS = ("redirect", "error")
+
+
+# ------------------------------------------------------------------------------------ construction
+
+def make_predictor(task: Task, predictor: ReTreever | str | Path | None = None, branch: int | None = None,
+                   device: str | torch.device | None = None, seed: int | None = None,
+                   model_options: dict[str, Any] | None = None) -> ReTreever:
+    """The environment's predictor: a given model, a checkpoint path, or a fresh model for ``task``.
+
+    A given model stays where it is (it is usually shared with a trainer), so ``device`` must agree with
+    it. A fresh model is initialised from ``seed`` (0 when None) without touching the global RNG.
+    """
+    if isinstance(predictor, ReTreever):
+        if model_options:
+            raise ValueError("model_options configure a fresh predictor; a predictor object was given")
+        dev = next(predictor.parameters()).device
+        if device is not None and torch.device(device) != dev:
+            raise ValueError(f"the predictor is on {dev} but device={device!r}; move the predictor or drop device")
+        model = predictor
+    elif isinstance(predictor, (str, Path)):
+        if model_options:
+            raise ValueError("model_options configure a fresh predictor; a checkpoint path was given")
+        model, _ = load_predictor(predictor, device or "cpu")
+    elif predictor is None:
+        opts = dict(model_options or {})
+        if branch is not None:
+            opts["branch"] = branch
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0 if seed is None else seed)
+            model = ReTreever(ModelConfig.for_task(task, **opts))
+        model = model.to(device or "cpu")
+    else:
+        raise TypeError(f"predictor must be a ReTreever, a checkpoint path or None; got {type(predictor).__name__}")
+    c = model.cfg
+    if c.decoder != "tca":
+        raise ValueError(f"the environment searches a tree: the predictor's decoder must be 'tca', not {c.decoder!r}")
+    if branch is not None and branch != c.branch:
+        raise ValueError(f"branch={branch} but the predictor was built with branch factor {c.branch}")
+    if (c.x_dim, c.y_dim, c.out_dim, c.head) != (task.x_dim, task.y_dim, task.out_dim, task.head):
+        raise ValueError(f"predictor (x_dim={c.x_dim}, y_dim={c.y_dim}, out_dim={c.out_dim}, head={c.head!r}) does "
+                         f"not fit task {task.name!r} (x_dim={task.x_dim}, y_dim={task.y_dim}, "
+                         f"out_dim={task.out_dim}, head={task.head!r})")
+    return model
+
+
+@contextmanager
+def evaluating(model: torch.nn.Module):
+    """Eval mode under ``no_grad``, restoring the caller's mode (the predictor may be mid-training)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def _take(obj: Any, rows: slice) -> Any:
+    """Rows ``rows`` of every batch-first tensor in ``obj`` (a tensor, list/tuple or dataclass of them)."""
+    if isinstance(obj, torch.Tensor):
+        return obj[rows]
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_take(x, rows) for x in obj)
+    if is_dataclass(obj) and not isinstance(obj, type):
+        return replace(obj, **{f.name: _take(getattr(obj, f.name), rows) for f in fields(obj) if f.init})
+    return obj  # shapes, ints, None
+
+
+def sub_context(ctx: Context, rows: slice, cols: slice) -> Context:
+    """The context sets ``rows`` and, within them, the queries ``cols`` (views, no copies)."""
+    b = ctx.batch.index(rows)
+    pt = None if b.pt is None else b.pt[..., cols]
+    batch = replace(b, xt=b.xt[:, cols], yt=b.yt[:, cols], pt=pt)
+    return replace(ctx, batch=batch, enc=_take(ctx.enc, rows), query_emb=ctx.query_emb[rows, cols],
+                   q=ctx.q[rows, cols], tree=_take(ctx.tree, rows), kv=_take(ctx.kv, rows),
+                   enc_kv=_take(ctx.enc_kv, rows))
+
+
+def observation_space(d_model: int, b: int, k_max: int) -> spaces.Dict:
+    # Embeddings are unbounded by construction (linear layers and attention, no squashing).
+    return spaces.Dict({
+        "query_emb": spaces.Box(-np.inf, np.inf, (d_model,), np.float32),
+        "child_emb": spaces.Box(-np.inf, np.inf, (b, d_model), np.float32),
+        "action_mask": spaces.MultiBinary(b),
+        "depth": spaces.Discrete(k_max + 1),
+    })
+
+
+# ------------------------------------------------------------------------------------------ engine
+
+@dataclass
+class FinishedBatch:
+    """A tree batch whose B*M episodes are all done: what the co-trainer replays to update the predictor."""
+
+    batch: Batch
+    actions: torch.Tensor  # [B, M, k] the child taken at each level (after redirects)
+    reward: torch.Tensor  # [B, M]
+    metric: torch.Tensor  # [B, M]
+    invalid: torch.Tensor  # [B, M] masked actions that were redirected
+
+
+class TreeQueries:
+    """A batch of trees and ``num_slots`` queries descending them in lockstep.
+
+    The batch's Q = B*M queries (flat index ``b*M + m``) are served in Q / num_slots rounds of
+    consecutive queries; all episodes of a round have the same length k, so they start and end together.
+    A round's queries form a block of context sets ``rows`` and queries ``cols``; the block is exact when
+    num_slots divides M or M divides num_slots, otherwise it spans whole rows and ``pos`` picks the slots.
+    State is kept in block layout ``[rows, cols]`` (what :func:`search.step` takes) and returned per slot.
+    """
+
+    def __init__(self, task: Task, model: ReTreever, num_slots: int, batch_size: int | None = None,
+                 reward: str | None = None, invalid_action: str = "redirect", record_batches: bool = False):
+        if num_slots < 1:
+            raise ValueError(f"num_envs must be >= 1; got {num_slots}")
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1; got {batch_size}")
+        if invalid_action not in INVALID_ACTIONS:
+            raise ValueError(f"unknown invalid_action {invalid_action!r}; choose one of {INVALID_ACTIONS}")
+        self.task, self.model, self.num_slots = task, model, num_slots
+        self.batch_size, self.invalid_action, self.record_batches = batch_size, invalid_action, record_batches
+        self.reward_kind = reward or model.cfg.reward
+        replace(model.cfg, reward=self.reward_kind).validate()  # the model's own rule of which reward fits its head
+        self.b = model.cfg.branch
+        self.k_max = tree_depth(task.max_context, self.b)
+        if self.k_max < 1:
+            raise ValueError(f"task {task.name!r} has at most {task.max_context} context tokens: a tree with branch "
+                             f"factor {self.b} over them has depth 0 (no decision to take); it needs more than "
+                             f"{self.b} tokens")
+        # M per context set, from one probe sample; it sets how many context sets make whole rounds.
+        probe = task.sample(1, torch.Generator().manual_seed(0))
+        self.M = probe.M
+        self.finished: list[FinishedBatch] = []
+        self.ctx: Context | None = None
+        self.done = False
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def ready(self) -> bool:
+        return self.ctx is not None
+
+    def context_sets(self, M: int) -> int:
+        """Context sets per tree batch: the given batch size, or the fewest giving whole rounds."""
+        return self.batch_size or self.num_slots // math.gcd(self.num_slots, M)
+
+    # ------------------------------------------------------------------------------ batches, rounds
+
+    def sample_batch(self, rng: np.random.Generator) -> None:
+        """Sample a task batch from ``rng`` (through a torch generator seeded from it) and build its trees."""
+        g = torch.Generator().manual_seed(int(rng.integers(2**63 - 1)))
+        self.load_batch(self.task.sample(self.context_sets(self.M), g))
+
+    def load_batch(self, batch: Batch) -> None:
+        """Build the trees of ``batch`` with the predictor and start its first round."""
+        if not isinstance(batch, Batch):
+            raise TypeError(f"expected a tca_env.tasks.Batch; got {type(batch).__name__}")
+        batch = batch.to(self.device)
+        B, M, N = batch.B, batch.M, batch.N
+        if (B * M) % self.num_slots:
+            raise ValueError(f"a tree batch of {B} context sets x {M} queries cannot be served in whole rounds of "
+                             f"{self.num_slots} envs; use num_envs dividing {B * M}, or a batch_size making "
+                             "batch_size * M a multiple of num_envs (tasks with a varying M need a fixed one, e.g. "
+                             "the task option num_target)")
+        k = tree_depth(N, self.b)
+        if k < 1:
+            raise ValueError(f"a tree over N = {N} context tokens with branch factor {self.b} has depth 0: there is "
+                             f"no decision to take; tasks need more than {self.b} context tokens")
+        with evaluating(self.model):
+            self.ctx = self.model.prepare(batch)
+        self.batch, self.shape, self.k = batch, TreeShape(N, self.b), k
+        self.B, self.Q = B, B * M
+        self.batch_M = M
+        self.rounds = self.Q // self.num_slots
+        self.round = 0
+        self.complete = True  # every round so far ran to its leaf
+        if self.record_batches:
+            self.actions = torch.zeros(self.Q, k, dtype=torch.long, device=self.device)
+            self.rewards = torch.zeros(self.Q, device=self.device)
+            self.metrics = torch.zeros(self.Q, device=self.device)
+            self.invalids = torch.zeros(self.Q, dtype=torch.long, device=self.device)
+        self._start_round()
+
+    def next_round(self, rng: np.random.Generator) -> None:
+        """Start the next round of queries, sampling a new batch after the last one."""
+        if not self.done:
+            self.complete = False  # an abandoned episode: this batch cannot be replayed whole
+        if self.round + 1 < self.rounds:
+            self.round += 1
+            self._start_round()
+        else:
+            self.sample_batch(rng)
+
+    def _start_round(self) -> None:
+        E, M = self.num_slots, self.batch_M
+        start, stop = self.round * E, (self.round + 1) * E
+        lo, hi = start // M, (stop - 1) // M
+        if lo == hi:
+            self.rows, self.cols, self.pos = slice(lo, lo + 1), slice(start - lo * M, stop - lo * M), None
+        else:
+            self.rows, self.cols = slice(lo, hi + 1), slice(0, M)
+            exact = start == lo * M and stop == (hi + 1) * M
+            self.pos = None if exact else torch.arange(start - lo * M, stop - lo * M, device=self.device)
+        self.sub = sub_context(self.ctx, self.rows, self.cols)
+        nr, nc = self.sub.q.shape[:2]
+        self.s = 0
+        self.path = torch.zeros(nr, nc, self.k + 1, dtype=torch.long, device=self.device)
+        self.invalid = torch.zeros(E, dtype=torch.long, device=self.device)
+        self.done = False
+        self.query_emb = self._slots(self.sub.query_emb)  # [E, D]
+        self._observe_children()
+
+    def _slots(self, x: torch.Tensor) -> torch.Tensor:
+        """Block layout ``[rows, cols, ...]`` -> slot layout ``[E, ...]``."""
+        flat = x.flatten(0, 1)
+        return flat if self.pos is None else flat.index_select(0, self.pos)
+
+    def _block(self, x: torch.Tensor) -> torch.Tensor:
+        """Slot layout ``[E]`` -> block layout ``[rows, cols]`` (slots outside the round take child 0)."""
+        nr, nc = self.path.shape[:2]
+        if self.pos is None:
+            return x.view(nr, nc)
+        full = torch.zeros(nr * nc, dtype=x.dtype, device=x.device)
+        return full.index_copy_(0, self.pos, x).view(nr, nc)
+
+    def _observe_children(self) -> None:
+        """Embeddings ``[E, b, D]`` and mask ``[E, b]`` of the children of every slot's current node."""
+        tree, s = self.sub.tree, self.s
+        idx = search.child_index(self.shape, s, self.path[..., s])  # [rows, cols, b]
+        rows = torch.arange(idx.shape[0], device=idx.device).view(-1, 1, 1)
+        self.child_emb = self._slots(tree.nodes[s + 1][rows, idx])  # [E, b, D]
+        self.mask = self._slots(tree.node_mask[s + 1][rows, idx])  # [E, b]
+
+    # -------------------------------------------------------------------------------------- stepping
+
+    def step(self, action: torch.Tensor) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+        """Take child ``action [E]`` in every slot; returns the leaf rewards ``[E]`` (None before the leaf) and info."""
+        if self.done:
+            raise RuntimeError("the episodes of this round are over: reset before stepping again")
+        action = action.to(self.device, torch.long).reshape(-1)
+        if action.shape[0] != self.num_slots:
+            raise ValueError(f"expected {self.num_slots} actions; got {action.shape[0]}")
+        if bool(((action < 0) | (action >= self.b)).any()):
+            raise ValueError(f"actions must lie in [0, {self.b}); got {action.tolist()[:16]}")
+        ok = self.mask.gather(1, action.unsqueeze(1)).squeeze(1)  # [E]
+        redirected = ~ok
+        if bool(redirected.any()):
+            if self.invalid_action == "error":
+                bad = redirected.nonzero().flatten().tolist()[:16]
+                raise ValueError(f"masked action (a child that holds no token) in envs {bad}; pass "
+                                 "invalid_action='redirect' or honour action_masks()")
+            # The leftmost real child: a real node always has one.
+            action = torch.where(ok, action, self.mask.to(torch.uint8).argmax(1))
+            self.invalid += redirected
+        with evaluating(self.model):
+            r = search.step(self.sub.kv, self.sub.q, self.s, self.path[..., self.s], action=self._block(action))
+        self.policy_probs = self._slots(r.log_probs.exp())  # [E, b] the predictor's own attention policy
+        self.s += 1
+        self.path[..., self.s] = r.node
+        info = {"invalid_action": redirected}
+        if self.s < self.k:
+            self._observe_children()
+            return None, info
+        self.done = True
+        with evaluating(self.model):
+            out = self.model.predict_path(self.sub, self.path)  # [rows, cols, out]
+            y = self.sub.batch.yt
+            reward = self._slots(self.model.head.reward(out, y, self.reward_kind))  # [E]
+            metric = self._slots(self.model.head.metric(out, y))
+        path = self._slots(self.path)  # [E, k+1]
+        info.update(metric=metric, invalid_actions=self.invalid.clone(), path=path)
+        if self.record_batches:
+            self._record(path, reward, metric)
+        return reward, info
+
+    def _record(self, path: torch.Tensor, reward: torch.Tensor, metric: torch.Tensor) -> None:
+        sl = slice(self.round * self.num_slots, (self.round + 1) * self.num_slots)
+        self.actions[sl] = path[:, 1:] - self.b * path[:, :-1]
+        self.rewards[sl], self.metrics[sl], self.invalids[sl] = reward, metric, self.invalid
+        if self.round + 1 == self.rounds and self.complete:
+            B, M = self.B, self.batch_M
+            self.finished.append(FinishedBatch(self.batch, self.actions.view(B, M, self.k), self.rewards.view(B, M),
+                                               self.metrics.view(B, M), self.invalids.view(B, M)))
+
+    def pop_finished(self) -> list[FinishedBatch]:
+        """Drain the batches whose episodes all finished since the last call (``record_batches=True``)."""
+        out, self.finished = self.finished, []
+        return out
+
+    def terminal_children(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A leaf has no children: zero embeddings ``[E, b, D]`` and an all-false mask ``[E, b]``."""
+        return torch.zeros_like(self.child_emb), torch.zeros_like(self.mask)
+
+
+# -------------------------------------------------------------------------------------- the env
+
+class TreeRetrievalEnv(gym.Env):
+    """
+    ## Description
+
+    Tree Cross Attention (Feng et al., ICLR 2024) answers a query by descending a tree built over the
+    context tokens, one level at a time, and cross-attending only to what the descent retrieved. This
+    environment is that descent: an episode is one query walking from the root of its context's tree to
+    a leaf bucket. Every sibling it passes over and the P tokens of the leaf it reaches form the retrieved
+    set S (``(b-1)*k + P`` tokens), from which the ReTreever predictor makes its prediction.
+
+    A reset samples a task batch of B context sets with M queries each, and the predictor builds the B
+    trees once (``ReTreever.prepare``: node embeddings, keys and values). The batch's B*M queries are
+    then served as consecutive episodes (query ``m`` of context set ``b`` in order ``b*M + m``) before the
+    next batch is sampled. Steps run :func:`tca_env.search.step`, the per-level step of the fused trainer.
+
+    ```python
+    import gymnasium as gym
+    import tca_env  # registers the ids
+
+    env = gym.make("TreeRetrieval-v0", task="copy", task_options={"seq_len": 64})
+    obs, info = env.reset(seed=0)
+    ```
+
+    ## Action Space
+
+    ``Discrete(b)``: which child of the current node to descend into (b is the branch factor, 2 by
+    default). A child holding no token (all padding) is masked in ``obs["action_mask"]`` and by
+    :meth:`action_masks`. A masked action is redirected to the leftmost real child and counted in
+    ``info["invalid_action"]`` (``invalid_action="redirect"``, the default) or raises ``ValueError``
+    (``invalid_action="error"``). The trees of the built-in layout spread tokens evenly, so a real node's
+    children are all real and masks only bite on custom trees. Actions outside ``[0, b)`` always raise.
+
+    ## Observation Space
+
+    A ``Dict`` (D is the predictor's width ``d_model``, k_max the depth of a tree over the task's
+    largest context):
+
+    | Key           | Space                    | Meaning                                                |
+    |---------------|--------------------------|--------------------------------------------------------|
+    | `query_emb`   | `Box(-inf, inf, (D,))`   | the query's embedding ``ctx.query_emb`` (fixed per episode) |
+    | `child_emb`   | `Box(-inf, inf, (b, D))` | the current node's children, rows of ``tree.nodes[s+1]`` |
+    | `action_mask` | `MultiBinary(b)`         | 1 for children holding at least one real token         |
+    | `depth`       | `Discrete(k_max + 1)`    | the current level s (0 at the root, k at the leaf)     |
+
+    At the last step the children are the leaf buckets (``tree.nodes[k]``, aggregates of their P tokens).
+    The observation after the last step (the leaf) has zero ``child_emb`` and an all-zero mask. All
+    embeddings come from the predictor in eval mode under ``no_grad``: they are detached data.
+
+    ## Rewards
+
+    0 at every step but the last; then the per-query metric of the prediction made from S with
+    ``model.head.reward``: ``"acc"`` (1 if the predicted class is right), ``"nce"`` (minus the cross
+    entropy plus log C, so a uniform guess scores 0), ``"ll"`` (log-likelihood, Normal head) or ``"mse"``
+    (minus the squared error). The default is the predictor's (the task's) reward. With ``gamma = 1``
+    the return is exactly that metric.
+
+    ## Starting State
+
+    The root of the tree of the query's context set (``depth = 0``).
+
+    ## Episode End
+
+    The episode terminates when the query reaches a leaf bucket, after exactly k steps (the tree's depth,
+    ``floor(log_b(N - 1))``). It never truncates. Trees of depth 0 (N <= b context tokens) offer no
+    decision and are refused with a ``ValueError``.
+
+    ## Arguments
+
+    ```python
+    gym.make("TreeRetrieval-v0", task="copy", task_options=None, predictor=None, branch=None, reward=None,
+             device=None, seed=None, invalid_action="redirect", batch_size=1, model_options=None,
+             render_mode=None)
+    ```
+
+    * ``task``: a task name (``tca_env.tasks.TASKS``) or a :class:`~tca_env.tasks.Task`; ``task_options``
+      are passed to its constructor (e.g. ``{"seq_len": 128}`` for copy).
+    * ``predictor``: a :class:`~tca_env.model.ReTreever` (used as is, shared with whoever trains it), a
+      path to a checkpoint written by ``tca train``, or None for a fresh model initialised from ``seed``
+      and configured by ``model_options`` (``ModelConfig`` fields, e.g. ``{"d_model": 32}``).
+    * ``branch``: branch factor b of a fresh predictor (must match a given one).
+    * ``reward``: ``"acc" | "nce" | "ll" | "mse"``; default: the predictor's.
+    * ``device``: torch device of a fresh or loaded predictor (default: cpu, or the given model's device).
+    * ``seed``: seed of the first ``reset`` when that passes none (and of a fresh predictor's weights).
+    * ``invalid_action``: ``"redirect"`` or ``"error"`` (see Action Space).
+    * ``batch_size``: context sets per tree batch (each holds M queries, so B*M episodes per batch).
+    * ``render_mode``: ``"ansi"`` returns the path taken with the predictor's attention probabilities.
+
+    ``reset(seed=...)`` samples a new batch; ``reset()`` moves on to the next query (a new batch after
+    the last). ``reset(options={"batch": batch})`` serves a given :class:`~tca_env.tasks.Batch`.
+    ``info`` holds ``invalid_action`` at every step and, at the leaf, ``metric`` (the task metric of the
+    prediction), ``invalid_actions`` (redirects in the episode) and ``path`` (node index per level).
+
+    ## Vectorized environment
+
+    ``gym.make_vec("TreeRetrieval-v0", num_envs=1024, vectorization_mode="vector_entry_point")`` returns
+    :class:`~tca_env.vector_env.TreeRetrievalVectorEnv`, which steps all queries in lockstep with tensor
+    operations on one device (same-step autoreset by default); prefer it to ``"sync"`` or ``"async"``.
+
+    ## Version History
+
+    * v0: Initial version.
+    """
+
+    metadata = {"render_modes": ["ansi"], "render_fps": 4}
+
+    def __init__(self, task: str | Task = "copy", task_options: dict[str, Any] | None = None,
+                 predictor: ReTreever | str | Path | None = None, branch: int | None = None,
+                 reward: str | None = None, device: str | torch.device | None = None, seed: int | None = None,
+                 invalid_action: str = "redirect", batch_size: int = 1, model_options: dict[str, Any] | None = None,
+                 render_mode: str | None = None):
+        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
+            raise ValueError(f"unknown render_mode {render_mode!r}; choose one of {self.metadata['render_modes']}")
+        self.task = make_task(task, **(task_options or {})) if isinstance(task, str) else task
+        self.predictor = make_predictor(self.task, predictor, branch, device, seed, model_options)
+        self.queries = TreeQueries(self.task, self.predictor, 1, batch_size, reward, invalid_action)
+        q = self.queries
+        self.observation_space = observation_space(self.predictor.cfg.d_model, q.b, q.k_max)
+        self.action_space = spaces.Discrete(q.b)
+        self.render_mode = render_mode
+        self._first_seed = seed
+        self._trace: list[tuple[int, np.ndarray, bool]] = []
+        self._last: dict[str, Any] = {}
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        if seed is None and self._first_seed is not None and self._np_random is None:
+            seed = self._first_seed
+        super().reset(seed=seed)
+        options = options or {}
+        q = self.queries
+        if "batch" in options:
+            q.load_batch(options["batch"])
+        elif seed is not None or not q.ready:
+            q.sample_batch(self.np_random)
+        else:
+            q.next_round(self.np_random)
+        self._trace, self._last = [], {}
+        return self._obs(), {}
+
+    def step(self, action):
+        a = int(action)
+        q = self.queries
+        reward, info = q.step(torch.tensor([a]))
+        self._trace.append((a, q.policy_probs[0].cpu().numpy(), bool(info["invalid_action"][0])))
+        out = {"invalid_action": bool(info["invalid_action"][0])}
+        if reward is None:
+            return self._obs(), 0.0, False, False, out
+        out.update(metric=float(info["metric"][0]), invalid_actions=int(info["invalid_actions"][0]),
+                   path=info["path"][0].cpu().numpy())
+        self._last = {"reward": float(reward[0]), **out}
+        return self._obs(), float(reward[0]), True, False, out
+
+    def _obs(self) -> dict[str, Any]:
+        q = self.queries
+        child, mask = q.terminal_children() if q.done else (q.child_emb, q.mask)
+        return {"query_emb": q.query_emb[0].cpu().numpy().copy(), "child_emb": child[0].cpu().numpy().copy(),
+                "action_mask": mask[0].cpu().numpy().astype(np.int8), "depth": np.int64(q.k if q.done else q.s)}
+
+    def action_masks(self) -> np.ndarray:
+        """Which children may be taken now: ``[b]`` bool (for sb3-contrib's MaskablePPO)."""
+        return self.queries.mask[0].cpu().numpy().copy()
+
+    def render(self) -> str | None:
+        if self.render_mode != "ansi":
+            return None
+        q = self.queries
+        if not q.ready:
+            return "TreeRetrieval: call reset() first\n"
+        flat = q.round  # one slot: the round is the flat query index
+        lines = [f"query {flat % q.batch_M} of context set {flat // q.batch_M} (batch of {q.B} x {q.batch_M}), "
+                 f"N = {q.shape.n}, b = {q.b}, depth {q.k if q.done else q.s}/{q.k}, |S| = {q.shape.retrieved_size}"]
+        node = 0
+        for level, (a, probs, redirected) in enumerate(self._trace):
+            node = node * q.b + a
+            p = " ".join(f"{x:.2f}" for x in probs)
+            note = " [redirected]" if redirected else ""
+            lines.append(f"  level {level} -> {level + 1}: child {a} (node {node}){note}  predictor attention [{p}]")
+        if self._last:
+            lines.append(f"  leaf bucket {node}: reward {self._last['reward']:.4f}, metric {self._last['metric']:.4f}, "
+                         f"invalid actions {self._last['invalid_actions']}")
+        return "\n".join(lines) + "\n"
