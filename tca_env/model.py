@@ -435,7 +435,7 @@ class ReTreever(nn.Module):
             return self.predict_full(ctx)
         if c.decoder == "perceiver":
             return self.predict_perceiver(ctx)
-        descent = S.descend(ctx.kv, ctx.q, "greedy")
+        descent = S.descend(ctx.kv, ctx.q, "greedy", stats=False)
         attn = S.readout(ctx.kv, ctx.q, descent.path, descent)
         del descent
         ctx.kv = ctx.q = None  # the tree's keys and values are not needed for the feed-forward

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .ops import softmax_small
 from .tree import Tree, TreeShape
 
 SEARCH_MODES = ("greedy", "sample")
@@ -31,33 +32,62 @@ class TreeKV:
     Attributes:
         shape: the tree's sizes.
         keys / values: element ``s`` (0 <= s < k) is ``[B, b^(s+1), H, dh]``: the candidates of step s.
-        masks: element ``s`` is ``[B, b^(s+1)]``, which of those nodes are real.
-        tok_keys / tok_values: ``[B, P*b^k, H, dh]`` token slots; tok_mask ``[B, P*b^k]``.
+        masks: element ``s`` is ``[B, b^(s+1)]``, which of those nodes are real (None: all of them).
+        tok_keys / tok_values: ``[B, P*b^k, H, dh]`` token slots; tok_mask ``[B, P*b^k]`` (None: no padding).
     """
 
     shape: TreeShape
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
-    masks: list[torch.Tensor]
+    masks: list[torch.Tensor | None]
     tok_keys: torch.Tensor
     tok_values: torch.Tensor
-    tok_mask: torch.Tensor
+    tok_mask: torch.Tensor | None
 
     @classmethod
     def from_tree(cls, tree: Tree, project, tok_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> TreeKV:
         """Project with ``project(x [.., D]) -> (k, v) [.., H, dh]``; ``tok_kv`` reuses token projections."""
-        kv = [project(tree.nodes[level]) for level in range(1, tree.shape.k + 1)]
+        shape = tree.shape
+        kv = [project(tree.nodes[level]) for level in range(1, shape.k + 1)]
         tk, tv = project(tree.tokens) if tok_kv is None else tok_kv
-        return cls(tree.shape, [k for k, _ in kv], [v for _, v in kv], tree.node_mask[1:], tk, tv,
-                   tree.token_mask)
+        # Padding depends only on N: levels without any (all of them when N = P * b^k) keep no mask.
+        masks = [None if bool((shape.counts(lvl) > 0).all()) else tree.node_mask[lvl] for lvl in range(1, shape.k + 1)]
+        tok_mask = None if shape.n == shape.num_slots else tree.token_mask
+        return cls(shape, [k for k, _ in kv], [v for _, v in kv], masks, tk, tv, tok_mask)
 
 
-def _gather_rows(table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """``table [B, R, ...]``, ``idx [B, M, c]`` row indices -> ``[B, M, c, ...]`` (one flat index_select)."""
+def _gather_rows(table: torch.Tensor, idx: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``table [B, R, ...]``, ``idx [B, M, c]`` row indices -> ``[B, M, c, ...]`` (one flat index_select).
+
+    ``out`` is an optional flat workspace (no autograd) reused across levels: a fresh multi-MiB buffer
+    per gather costs more in page faults on a CPU than the gather itself.
+    """
     B, R = table.shape[:2]
     flat = (idx + (torch.arange(B, device=idx.device) * R).view(B, 1, 1)).reshape(-1)
-    rows = table.reshape(B * R, -1).index_select(0, flat)  # 2-D index_select is the fast path
+    src = table.reshape(B * R, -1)  # 2-D index_select is the fast path
+    if out is None:
+        rows = src.index_select(0, flat)
+    else:
+        rows = torch.index_select(src, 0, flat, out=out[: flat.numel() * src.shape[1]].view(-1, src.shape[1]))
     return rows.view(*idx.shape, *table.shape[2:])
+
+
+def workspace(q: torch.Tensor, rows_per_query: int) -> torch.Tensor | None:
+    """A flat gather buffer for ``rows_per_query`` rows of width D per query, or None under autograd."""
+    if torch.is_grad_enabled():
+        return None
+    return q.new_empty(q.shape[0] * q.shape[1] * rows_per_query * q.shape[2] * q.shape[3])
+
+
+def _gather_block(table: torch.Tensor, parent: torch.Tensor, c: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows ``parent*c .. parent*c + c-1`` of ``table [B, R, ...]`` for ``parent [B, M]``: ``[B, M, c, ...]``.
+
+    Children of a node (and slots of a bucket) are contiguous rows, so one index per query fetches
+    all of them: a single index_select of ``c``-row blocks.
+    """
+    B, R = table.shape[:2]
+    rows = _gather_rows(table.reshape(B, R // c, -1), parent.unsqueeze(-1), out)
+    return rows.view(*parent.shape, c, *table.shape[2:])
 
 
 def child_index(shape: TreeShape, s: int, node: torch.Tensor) -> torch.Tensor:
@@ -70,36 +100,42 @@ def bucket_index(shape: TreeShape, leaf: torch.Tensor) -> torch.Tensor:
     return leaf.unsqueeze(-1) * shape.P + torch.arange(shape.P, device=leaf.device)
 
 
-def child_scores(kv: TreeKV, q: torch.Tensor, s: int, node: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def child_scores(kv: TreeKV, q: torch.Tensor, s: int, node: torch.Tensor,
+                 ws: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-head scores of queries ``q [B, M, H, dh]`` (pre-scaled) over the children of ``node [B, M]``.
 
-    Returns scores ``[B, M, b, H]`` and the children's mask ``[B, M, b]``.
+    Returns scores ``[B, M, b, H]`` and the children's mask ``[B, M, b]`` (None: no padded child).
     """
-    idx = child_index(kv.shape, s, node)  # [B, M, b]
-    return _scores(q, kv.keys[s], idx), _gather_rows(kv.masks[s], idx)
+    b = kv.shape.b
+    return _scores(q, _gather_block(kv.keys[s], node, b, ws)), _block_mask(kv.masks[s], node, b)
 
 
-def _scores(q: torch.Tensor, keys: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """Scores ``[B, M, c, H]`` of ``q [B, M, H, dh]`` against the rows ``idx [B, M, c]`` of ``keys [B, R, H, dh]``.
+def _block_mask(mask: torch.Tensor | None, parent: torch.Tensor, c: int) -> torch.Tensor | None:
+    """Mask of the c children of ``parent``; ``None`` for a level without padding (the usual case)."""
+    return None if mask is None else _gather_block(mask, parent, c)
 
-    Broadcast-multiply-sum, one key column at a time (c <= b + 1 is small): on a CPU this beats a
-    batched matmul of tiny matrices by far, and the temporaries stay the size of ``q``. Keys stay
-    before heads: CPU softmax over a short last dim is several times slower than over dim 2.
+
+def _scores(q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """``q [B, M, H, dh]`` (pre-scaled), freshly gathered ``keys [B, M, c, H, dh]`` -> scores ``[B, M, c, H]``.
+
+    Broadcast-multiply-sum: for a handful of keys per query this beats a batched matmul of tiny
+    matrices by far on a CPU. Keys stay before heads: softmax over a short last dim is several times
+    slower than over dim 2. Without autograd the gathered copy is multiplied in place.
     """
-    cols = []
-    for j in range(idx.shape[-1]):
-        kj = _gather_rows(keys, idx[..., j:j + 1]).squeeze(2)  # [B, M, H, dh], a fresh copy
-        cols.append((kj.mul_(q) if not torch.is_grad_enabled() else kj * q).sum(-1))
-    return torch.stack(cols, dim=2)
+    if torch.is_grad_enabled():
+        return (keys * q.unsqueeze(2)).sum(-1)
+    return keys.mul_(q.unsqueeze(2)).sum(-1)
 
 
-def policy_log_probs(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def policy_log_probs(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """log pi(c) = log mean_h softmax_c(scores): ``[B, M, b, H]``, mask ``[B, M, b]`` -> ``[B, M, b]``.
 
     Masked children get probability exactly 0 (log-prob ``-inf``).
     """
+    if mask is None:  # no padded child at this level
+        return softmax_small(scores, dim=2).mean(-1).log()
     neg = -torch.finfo(scores.dtype).max
-    attn = scores.masked_fill(~mask.unsqueeze(-1), neg).softmax(dim=2)  # [B, M, b, H]
+    attn = softmax_small(scores.masked_fill(~mask.unsqueeze(-1), neg), dim=2)  # [B, M, b, H]
     probs = attn.mean(-1).masked_fill(~mask, 0.0)  # [B, M, b]
     return probs.log()
 
@@ -130,15 +166,19 @@ class StepResult:
     action: torch.Tensor  # [B, M] in [0, b)
     log_probs: torch.Tensor  # [B, M, b]
     scores: torch.Tensor  # [B, M, b, H] per-head attention scores (reused by the read-out)
-    mask: torch.Tensor  # [B, M, b] children that exist
+    mask: torch.Tensor | None  # [B, M, b] children that exist (None: all of them)
 
 
 def step(kv: TreeKV, q: torch.Tensor, s: int, node: torch.Tensor, mode: str = "greedy",
-         action: torch.Tensor | None = None, generator: torch.Generator | None = None) -> StepResult:
-    """Descend one level from ``node`` (at level s) for every query; ``action`` overrides the choice."""
+         action: torch.Tensor | None = None, generator: torch.Generator | None = None,
+         ws: torch.Tensor | None = None) -> StepResult:
+    """Descend one level from ``node`` (at level s) for every query; ``action`` overrides the choice.
+
+    ``ws``: optional gather workspace from :func:`workspace` (inference only).
+    """
     if not 0 <= s < kv.shape.k:
         raise ValueError(f"step {s} out of range for a tree of depth {kv.shape.k}")
-    scores, mask = child_scores(kv, q, s, node)
+    scores, mask = child_scores(kv, q, s, node, ws)
     logp = policy_log_probs(scores, mask)
     a = choose(logp, mode, generator) if action is None else action
     return StepResult(node * kv.shape.b + a, a, logp, scores, mask)
@@ -162,24 +202,29 @@ class Descent:
 
 
 def descend(kv: TreeKV, q: torch.Tensor, mode: str = "greedy", actions: torch.Tensor | None = None,
-            generator: torch.Generator | None = None) -> Descent:
-    """Run :func:`step` k times (a loop over levels only). ``actions [B, M, k]`` replays a given path."""
+            generator: torch.Generator | None = None, stats: bool = True) -> Descent:
+    """Run :func:`step` k times (a loop over levels only). ``actions [B, M, k]`` replays a given path.
+
+    ``stats=False`` skips the path log-probability and entropy (zeros), which greedy inference never uses.
+    """
     B, M = q.shape[:2]
     k = kv.shape.k
     path = torch.zeros(B, M, k + 1, dtype=torch.long, device=q.device)
     sib_logits = []
     log_prob = q.new_zeros(B, M)
     ent = q.new_zeros(B, M)
+    ws = workspace(q, kv.shape.b)
     for s in range(k):
-        r = step(kv, q, s, path[..., s], mode, None if actions is None else actions[..., s], generator)
-        log_prob = log_prob + r.log_probs.gather(-1, r.action.unsqueeze(-1)).squeeze(-1)
-        ent = ent + entropy(r.log_probs)
+        r = step(kv, q, s, path[..., s], mode, None if actions is None else actions[..., s], generator, ws)
+        if stats:
+            log_prob = log_prob + r.log_probs.gather(-1, r.action.unsqueeze(-1)).squeeze(-1)
+            ent = ent + entropy(r.log_probs)
         path[..., s + 1] = r.node
         sib_logits.append(_sibling_logits(r.scores, r.mask, r.action.unsqueeze(-1)))
     return Descent(path, log_prob, ent, sib_logits, kv.shape.b)
 
 
-def _sibling_logits(scores: torch.Tensor, mask: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+def _sibling_logits(scores: torch.Tensor, mask: torch.Tensor | None, action: torch.Tensor) -> torch.Tensor:
     """Keep the per-head scores ``[B, M, b, H]`` of the b-1 unselected children: ``[B, M, b-1, H]``.
 
     Padded siblings get a finite large negative logit (weight exactly 0 after the softmax).
@@ -188,6 +233,8 @@ def _sibling_logits(scores: torch.Tensor, mask: torch.Tensor, action: torch.Tens
     others = torch.arange(b - 1, device=action.device)
     pos = others + (others >= action)  # [B, M, b-1]
     sib = scores.gather(2, pos.unsqueeze(-1).expand(*pos.shape, H))
+    if mask is None:
+        return sib
     return sib.masked_fill(~mask.gather(2, pos).unsqueeze(-1), -torch.finfo(scores.dtype).max)
 
 
@@ -242,16 +289,21 @@ def readout(kv: TreeKV, q: torch.Tensor, path: torch.Tensor, descent: Descent | 
     """
     shape = kv.shape
     b, k = shape.b, shape.k
+    ws = workspace(q, max(b, shape.P))
     if descent is not None:
         logits = list(descent.sib_logits)
     else:
         logits = []
         for s in range(k):
-            sc, cm = child_scores(kv, q, s, path[..., s])
+            sc, cm = child_scores(kv, q, s, path[..., s], ws)
             logits.append(_sibling_logits(sc, cm, path[..., s + 1:s + 2] - b * path[..., s:s + 1]))
-    tok = bucket_index(shape, path[..., k])  # [B, M, P]
-    tok_scores = _scores(q, kv.tok_keys, tok)  # [B, M, P, H]
-    logits.append(tok_scores.masked_fill(~_gather_rows(kv.tok_mask, tok).unsqueeze(-1), -torch.finfo(q.dtype).max))
+    leaf = path[..., k]  # [B, M]
+    tok_scores = _scores(q, _gather_block(kv.tok_keys, leaf, shape.P, ws))  # [B, M, P, H]
+    tok_mask = _block_mask(kv.tok_mask, leaf, shape.P)  # [B, M, P]
+    if tok_mask is not None:
+        tok_scores = tok_scores.masked_fill(~tok_mask.unsqueeze(-1), -torch.finfo(q.dtype).max)
+    logits.append(tok_scores)
+    tok = bucket_index(shape, leaf)  # [B, M, P]
     attn = _softmax(torch.cat(logits, dim=2)).unsqueeze(-1)  # [B, M, |S|, H, 1]
     del logits, tok_scores
     n = (b - 1) * k
@@ -259,13 +311,13 @@ def readout(kv: TreeKV, q: torch.Tensor, path: torch.Tensor, descent: Descent | 
     # backward needs only its factors), so no [B, M, |S|, H, dh] tensor ever exists.
     out = torch.zeros_like(q)  # [B, M, H, dh]
     for j in range(shape.P):
-        out.addcmul_(attn[:, :, n + j], _gather_rows(kv.tok_values, tok[..., j:j + 1]).squeeze(2))
+        out.addcmul_(attn[:, :, n + j], _gather_rows(kv.tok_values, tok[..., j:j + 1], ws).squeeze(2))
     others = torch.arange(b - 1, device=path.device)
     for s in range(k):
         a = path[..., s + 1:s + 2] - b * path[..., s:s + 1]  # [B, M, 1]
         sib = path[..., s:s + 1] * b + others + (others >= a)  # [B, M, b-1]
         for j in range(b - 1):
-            v = _gather_rows(kv.values[s], sib[..., j:j + 1]).squeeze(2)  # [B, M, H, dh]
+            v = _gather_rows(kv.values[s], sib[..., j:j + 1], ws).squeeze(2)  # [B, M, H, dh]
             out.addcmul_(attn[:, :, s * (b - 1) + j], v)
     return out
 

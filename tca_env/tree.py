@@ -20,6 +20,7 @@ from functools import lru_cache
 import torch
 from torch import nn
 
+from .ops import softmax_small
 from .tasks.base import ORDERINGS
 
 
@@ -168,7 +169,7 @@ class Aggregator(nn.Module):
         # One key at a time (c <= b + 1 is small): temporaries stay at the size of q instead of c times it.
         scores = torch.stack([(q * k[:, j:j + 1]).sum(-1) for j in range(c)], dim=2) * self.dh**-0.5  # [G, c, c, H]
         # A finite large negative (not -inf) keeps fully padded groups finite; the masked mean drops them.
-        attn = scores.masked_fill(~mask[:, None, :, None], -torch.finfo(x.dtype).max).softmax(dim=2)
+        attn = softmax_small(scores.masked_fill(~mask[:, None, :, None], -torch.finfo(x.dtype).max), dim=2)
         out = torch.zeros_like(q)  # [G, c, H, dh]
         for j in range(c):
             out.addcmul_(attn[:, :, j:j + 1].transpose(2, 3), v[:, j:j + 1])  # in place: autograd-safe
