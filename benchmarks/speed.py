@@ -3,7 +3,9 @@
 The paper's copy-task model (D = 64, 4 heads, feed-forward 128, embedder depth 4, no encoder, b = 2),
 batch 16, sequence lengths L in {256, 1024, 4096} (L/2 context tokens and L/2 queries). Every
 (decoder, L, measurement) runs in a fresh process, so peak memory is that of the measured work alone:
-the peak resident set size during the first greedy inference minus the resident size just before it.
+the peak resident set size during the first greedy inference minus the resident size just before it,
+with glibc's default allocator ("memory") and with large tensors mapped individually ("memory_live",
+see LIVE_ENV).
 
     python benchmarks/speed.py                       # all, writes bench_out/speed.{json,md}
     python benchmarks/speed.py --lengths 256 --repeats 5
@@ -76,30 +78,37 @@ def worker(decoder: str, seq_len: int, what: str, batch: int, iters: int, thread
     return out
 
 
-def run(decoder, seq_len, what, args) -> dict:
+LIVE_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+"""glibc setting for the "live" memory column: every tensor over 1 MiB gets its own mapping and is
+returned to the OS when freed, so the peak RSS is the peak of live tensors rather than of heap
+fragmentation (which varies run to run with thread scheduling). Applied identically to every decoder."""
+
+
+def run(decoder, seq_len, what, args, extra_env=None) -> dict:
     cmd = [sys.executable, __file__, "--worker", decoder, str(seq_len), what, "--batch", str(args.batch),
            "--iters", str(args.iters), "--threads", str(args.threads)]
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), **(extra_env or {})}
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if res.returncode:
         raise RuntimeError(f"{decoder} L={seq_len} {what} failed:\n{res.stderr}")
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
+COLUMNS = [("train", "train step (ms)"), ("infer", "greedy inference (ms)"),
+           ("memory", "peak inference memory (MiB)"), ("memory_live", "peak live memory (MiB)")]
+
+
 def table(results: dict) -> str:
-    lines = ["| L | decoder | train step (ms) | greedy inference (ms) | peak inference memory (MiB) |"
-             " train / ca | infer / ca | memory / ca |", "|---|---|---|---|---|---|---|---|"]
+    head = [c for _, c in COLUMNS] + [f"{key} / ca" for key, _ in COLUMNS]
+    lines = ["| L | decoder | " + " | ".join(head) + " |", "|" + "---|" * (len(head) + 2)]
     for L, per in results.items():
-        ca = per["ca"]
+        ca = per.get("ca", {})
         for dec, r in per.items():
-            cells = [L, dec]
-            for key in ("train", "infer", "memory"):
-                v = r.get(key)
-                cells.append("-" if v is None else f"{v:.1f}")
-            for key in ("train", "infer", "memory"):
-                v, base = r.get(key), ca.get(key)
-                cells.append("-" if v is None or not base else f"{v / base:.2f}x")
-            lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+            cells = [str(L), dec]
+            cells += ["-" if r.get(key) is None else f"{r[key]:.1f}" for key, _ in COLUMNS]
+            cells += ["-" if r.get(key) is None or not ca.get(key) else f"{r[key] / ca[key]:.2f}x"
+                      for key, _ in COLUMNS]
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -111,7 +120,7 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=5, help="Timed iterations per process (median is reported).")
     p.add_argument("--repeats", type=int, default=3, help="Fresh processes per measurement (median of medians).")
     p.add_argument("--train-max-len", type=int, default=1024, help="Skip training-step timing above this L.")
-    p.add_argument("--threads", type=int, default=2, help="torch threads (this machine has 2 cores).")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: robust on a shared 2-core machine).")
     p.add_argument("--out", default="bench_out", help="Directory for speed.json and speed.md.")
     p.add_argument("--worker", nargs=3, metavar=("DECODER", "L", "WHAT"), help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -119,19 +128,22 @@ def main() -> None:
         dec, L, what = args.worker
         print(json.dumps(worker(dec, int(L), what, args.batch, args.iters, args.threads)))
         return
-    results: dict = {}
+    results: dict = {L: {dec: {} for dec in args.decoders} for L in args.lengths}
     for L in args.lengths:
-        results[L] = {}
-        for dec in args.decoders:
-            r: dict = {}
-            whats = ["infer", "memory"] + (["train"] if L <= args.train_max_len else [])
-            for what in whats:
-                vals = [run(dec, L, what, args)["peak_mib" if what == "memory" else "ms"] for _ in range(args.repeats)]
-                r[what] = statistics.median(vals)
-                r[f"{what}_runs"] = vals
-            results[L][dec] = r
-            print(f"L={L} {dec}: " + ", ".join(f"{k}={v:.1f}" for k, v in r.items() if not k.endswith("runs")),
-                  flush=True)
+        whats = ["infer", "memory", "memory_live"] + (["train"] if L <= args.train_max_len else [])
+        for what in whats:
+            runs: dict = {dec: [] for dec in args.decoders}
+            for _ in range(args.repeats):  # interleave decoders so drifting load hits all of them alike
+                for dec in args.decoders:
+                    if what.startswith("memory"):
+                        r = run(dec, L, "memory", args, LIVE_ENV if what == "memory_live" else None)
+                        runs[dec].append(r["peak_mib"])
+                    else:
+                        runs[dec].append(run(dec, L, what, args)["ms"])
+            for dec in args.decoders:
+                results[L][dec][what] = statistics.median(runs[dec])
+                results[L][dec][f"{what}_runs"] = runs[dec]
+            print(f"L={L} {what}: " + ", ".join(f"{d}={results[L][d][what]:.1f}" for d in args.decoders), flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"batch": args.batch, "threads": args.threads, "iters": args.iters, "repeats": args.repeats,
