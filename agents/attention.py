@@ -106,7 +106,7 @@ class ReinforceAgent:
         if clip:
             torch.nn.utils.clip_grad_norm_(self.policy.parameters(), clip)
         self.optimizer.step()
-        return float(loss)
+        return float(loss.detach())
 
     def state_dict(self) -> dict[str, Any]:
         return {"shared": self.shared, "entropy_coef": self.entropy_coef, "baseline": self.baseline,

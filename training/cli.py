@@ -2,7 +2,8 @@
 
     tca train --task copy --preset quick            # a few CPU minutes, prints held-out accuracy
     tca train --task copy --preset cpu --decoder ca # the shipped L = 256 config, full cross attention
-    tca eval --checkpoint runs/copy-quick/checkpoint.pt
+    tca train --task copy --seq-len 128 --agent maskable_ppo --run-dir runs/copy-mppo  # an SB3 agent co-trains
+    tca eval --checkpoint runs/copy-quick/checkpoint.pt   # greedy predictor (+ its agent, if it had one)
 """
 
 from __future__ import annotations
@@ -67,11 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .cotrain import Trainer
+    from .cotrain import make_trainer
 
     flags = {k: v for k, v in vars(args).items() if k not in ("command", "preset")}
     cfg = build_config(args.preset, **flags)
-    trainer = Trainer(cfg)
+    trainer = make_trainer(cfg)
     report = trainer.fit()
     evals = " ".join(f"{k}={v:.4f}" for k, v in report["eval"].items())
     print(f"done: {report['steps']} steps in {report['wall_time_s']:.0f} s; held-out {evals}; "
@@ -80,7 +81,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .cotrain import Trainer, load_model
+    from .cotrain import load_model, make_trainer
 
     model, ckpt = load_model(args.checkpoint, args.device)
     overrides = {"device": args.device, "resume": False, "progress": False}
@@ -89,8 +90,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.eval_seed is not None:
         overrides["eval_seed"] = args.eval_seed
     cfg = TrainConfig(**{**ckpt["train_config"], **overrides})
-    trainer = Trainer(cfg)
-    trainer.model.load_state_dict(model.state_dict())
+    trainer = make_trainer(cfg)
+    if cfg.agent == "fused":
+        trainer.model.load_state_dict(model.state_dict())
+    else:
+        trainer.load(args.checkpoint)  # the predictor and its agent, evaluated together through the env
     result = trainer.evaluate()
     if args.json:
         print(json.dumps(result))

@@ -6,6 +6,7 @@ at ``None`` fall back to the task's defaults (ordering, reward) and the paper's 
 
 from __future__ import annotations
 
+import json
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
@@ -45,6 +46,14 @@ class TrainConfig:
     rl_baseline: str | None = opt(None, "REINFORCE baseline: none, batch_mean or ema.",
                                   ("none", "batch_mean", "ema"))
     entropy_coef: float | None = opt(None, "Entropy bonus of the search policy (paper: 0.01).")
+    # --- search agent (DESIGN.md section 5)
+    agent: str = opt("fused", "Search agent: fused (the paper's step: the read-out's attention trained by REINFORCE "
+                     "in the predictor's own backward pass), reinforce (the same policy acting through the env), "
+                     "ppo, a2c, dqn, maskable_ppo (Stable-Baselines3 / sb3-contrib on the env), or random (the floor).",
+                     ("fused", "reinforce", "ppo", "a2c", "dqn", "maskable_ppo", "random"))
+    agent_lr: float | None = opt(None, "Learning rate of an external agent (default: the algorithm's own).")
+    agent_options: str | None = opt(None, "JSON object of extra agent constructor arguments, e.g. "
+                                    "'{\"n_epochs\": 8}' for ppo (see agents.sb3.make_agent).")
     # --- optimisation
     steps: int = opt(2000, "Training steps (batches).")
     batch_size: int = opt(16, "Context sets per batch (each with its M queries).")
@@ -74,6 +83,18 @@ class TrainConfig:
             out["kernel"] = self.kernel
         return out
 
+    def agent_kwargs(self) -> dict[str, Any]:
+        """``--agent-options`` parsed: a JSON object of agent constructor arguments."""
+        if not self.agent_options:
+            return {}
+        try:
+            out = json.loads(self.agent_options)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--agent-options is not valid JSON: {e}") from e
+        if not isinstance(out, dict):
+            raise ValueError(f"--agent-options must be a JSON object; got {self.agent_options!r}")
+        return out
+
     def make_task(self) -> Task:
         return make_task(self.task, **self.task_options())
 
@@ -88,6 +109,9 @@ class TrainConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive; got {getattr(self, name)}")
         if self.lr <= 0:
             raise ValueError(f"--lr must be positive; got {self.lr}")
+        if self.agent != "fused" and self.decoder != "tca":
+            raise ValueError(f"--agent {self.agent} searches a tree: it needs --decoder tca, not {self.decoder}")
+        self.agent_kwargs()  # a malformed --agent-options fails here, before any training
         return self
 
 

@@ -1,25 +1,39 @@
-"""The training loop: sample tasks, search the trees, update the predictor (and the search policy).
+"""The training loops: sample tasks, search the trees, update the predictor and the search policy.
 
-Read it top to bottom: :meth:`Trainer.fit` is the loop; :meth:`Trainer.train_step` is the paper's
-fused step, where the attention policy is the read-out's own attention, trained by REINFORCE inside
-one forward/backward together with L_TCA and L_CA (DESIGN.md section 5).
+Read it top to bottom: :meth:`Trainer.fit` runs :meth:`Trainer.run`; :meth:`Trainer.train_step` is the
+paper's fused step, where the attention policy is the read-out's own attention, trained by REINFORCE
+inside one forward/backward together with L_TCA and L_CA. :class:`CoTrainer` is the same loop with any
+agent acting through the TreeRetrieval environment (DESIGN.md section 5); ``make_trainer`` picks one.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from stable_baselines3 import DQN
+from stable_baselines3.common.base_class import BaseAlgorithm
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.logger import KVWriter, Logger
 from tqdm.auto import tqdm
 
+from agents.attention import ReinforceAgent
+from agents.sb3 import RandomAgent, SB3VecEnv, make_agent
+from agents.sb3 import predict as sb3_predict
+from tca_env import search
 from tca_env.checkpoint import load_predictor
-from tca_env.model import ReTreever
+from tca_env.env import FinishedBatch
+from tca_env.model import ModelConfig, ReTreever
 from tca_env.tasks import Batch
+from tca_env.vector_env import TreeRetrievalVectorEnv
 
 from . import checkpoint as ckpt_io
 from .config import TrainConfig
@@ -38,11 +52,13 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg.validate()
+        if cfg.agent != "fused" and type(self) is Trainer:
+            raise ValueError(f"--agent {cfg.agent} trains through the environment: use CoTrainer (make_trainer)")
         torch.set_num_threads(cfg.threads)
         self.device = torch.device(cfg.device)
         self.task = cfg.make_task()
         torch.manual_seed(cfg.seed)
-        self.model = ReTreever(cfg.model_config(self.task)).to(self.device)
+        self.model = ReTreever(self.model_config()).to(self.device)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
         self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=cfg.steps)
         # One CPU generator drives batches and sampled searches, so runs match across devices.
@@ -56,6 +72,9 @@ class Trainer:
                           for split in self.task.eval_splits}
         if cfg.resume and self.ckpt_path.exists():
             self.load(self.ckpt_path)
+
+    def model_config(self) -> ModelConfig:
+        return self.cfg.model_config(self.task)
 
     # ------------------------------------------------------------------------------------- one step
 
@@ -97,7 +116,7 @@ class Trainer:
     def save(self, path: Path | None = None) -> Path:
         return ckpt_io.save_atomic(self.state(), path or self.ckpt_path)
 
-    def load(self, path: Path) -> None:
+    def load(self, path: Path) -> dict[str, Any]:
         ckpt = ckpt_io.load(path, self.device)
         if ckpt["model_config"] != asdict(self.model.cfg):
             diff = {k: (v, ckpt["model_config"].get(k)) for k, v in asdict(self.model.cfg).items()
@@ -108,48 +127,59 @@ class Trainer:
         self.sched.load_state_dict(ckpt["scheduler"])
         ckpt_io.set_rng_state(ckpt["rng"], self.gen)
         self.step = ckpt["step"]
+        return ckpt
 
     # ------------------------------------------------------------------------------------- the loop
 
     def fit(self) -> dict[str, Any]:
         cfg = self.cfg
-        writer = make_writer(self.run_dir)
-        bar = tqdm(total=cfg.steps, initial=self.step, disable=not cfg.progress, desc=f"{cfg.task}/{cfg.decoder}",
-                   dynamic_ncols=True)
-        t0, last_t, last_step = time.perf_counter(), time.perf_counter(), self.step
-        evals: dict[str, float] = {}
-        while self.step < cfg.steps:
-            batch = self.task.sample(cfg.batch_size, self.gen, self.device)
-            stats = self.train_step(batch)
-            self.step += 1
-            bar.update(1)
-            if not all(math.isfinite(v) for v in stats.values()):
-                raise FloatingPointError(f"non-finite training statistics at step {self.step}: {stats}")
-            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                now = time.perf_counter()
-                stats["steps_per_sec"] = (self.step - last_step) / (now - last_t)
-                stats["lr"] = self.sched.get_last_lr()[0]
-                last_t, last_step = now, self.step
-                for k, v in stats.items():
-                    writer.add_scalar(f"train/{k}", v, self.step)
-                bar.set_postfix(loss=f"{stats['loss']:.3f}", **{self.metric_name[:3]: f"{stats[self.metric_name]:.3f}"})
-            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step != cfg.steps:
-                evals = self.evaluate()
-                self._log_eval(writer, evals, bar)
-            if cfg.ckpt_every and self.step % cfg.ckpt_every == 0:
-                self.save()
-        bar.close()
+        self.writer = make_writer(self.run_dir)
+        desc = f"{cfg.task}/{cfg.decoder}" + ("" if cfg.agent == "fused" else f"/{cfg.agent}")
+        self.bar = tqdm(total=cfg.steps, initial=self.step, disable=not cfg.progress, desc=desc, dynamic_ncols=True)
+        t0 = time.perf_counter()
+        self._last_log = (t0, self.step)
+        self.run()
+        self.bar.close()
         wall = time.perf_counter() - t0
         evals = self.evaluate()
-        self._log_eval(writer, evals, None)
+        self._log_eval(self.writer, evals, None)
         self.save()
-        writer.close()
-        report = {"task": cfg.task, "decoder": cfg.decoder, "steps": self.step, "batch_size": cfg.batch_size,
-                  "wall_time_s": wall, "eval": evals, "tokens": self.retrieved_tokens(),
+        self.writer.close()
+        report = {"task": cfg.task, "decoder": cfg.decoder, "agent": cfg.agent, "steps": self.step,
+                  "batch_size": cfg.batch_size, "wall_time_s": wall, "eval": evals, "tokens": self.retrieved_tokens(),
                   "max_context": self.task.max_context, "train_config": asdict(cfg),
                   "model_config": asdict(self.model.cfg)}
         (self.run_dir / "results.json").write_text(json.dumps(report, indent=2))
         return report
+
+    def run(self) -> None:
+        """The fused loop: sample a batch of tasks, take one fused step, until ``steps`` updates."""
+        while self.step < self.cfg.steps:
+            batch = self.task.sample(self.cfg.batch_size, self.gen, self.device)
+            self.after_step(self.train_step(batch))
+
+    def after_step(self, stats: dict[str, float]) -> None:
+        """Count one predictor update; log (``train/...``, or the key itself if it has a ``/``), evaluate and
+        checkpoint on schedule."""
+        cfg = self.cfg
+        self.step += 1
+        self.bar.update(1)
+        if not all(math.isfinite(v) for v in stats.values()):
+            raise FloatingPointError(f"non-finite training statistics at step {self.step}: {stats}")
+        if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+            now = time.perf_counter()
+            last_t, last_step = self._last_log
+            stats["steps_per_sec"] = (self.step - last_step) / (now - last_t)
+            stats["lr"] = self.sched.get_last_lr()[0]
+            self._last_log = (now, self.step)
+            for k, v in stats.items():
+                self.writer.add_scalar(k if "/" in k else f"train/{k}", v, self.step)
+            self.bar.set_postfix(loss=f"{stats['loss']:.3f}",
+                                 **{self.metric_name[:3]: f"{stats[self.metric_name]:.3f}"})
+        if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step != cfg.steps:
+            self._log_eval(self.writer, self.evaluate(), self.bar)
+        if cfg.ckpt_every and self.step % cfg.ckpt_every == 0:
+            self.save()
 
     def _log_eval(self, writer, evals: dict[str, float], bar) -> None:
         for k, v in evals.items():
@@ -163,6 +193,270 @@ class Trainer:
         if m.cfg.decoder == "tca":
             return m.tree_shape(self.task.max_context).retrieved_size
         return m.num_latents if m.cfg.decoder == "perceiver" else self.task.max_context
+
+
+class CoTrainer(Trainer):
+    """Co-training with a search agent acting through the environment (DESIGN.md section 5).
+
+    One loop whatever the agent:
+
+    1. the vector env samples a tree batch (``batch_size`` context sets) and the predictor builds its trees;
+    2. the agent descends them: every query is one env slot, k steps each;
+    3. the predictor is updated on the agent's retrieved sets by replaying its actions,
+       ``model(batch, actions=...)``: L_TCA + lambda_CA L_CA (the model's own L_RL is switched off);
+    4. the agent is updated by its own algorithm: REINFORCE here (for the shared attention policy, on the
+       replay, in the same backward pass: the paper's step), SB3's inside ``learn``, where steps 3 and the
+       logging run in a callback at each rollout end (one rollout = one tree batch).
+
+    TensorBoard (one run directory): ``train/*`` for the predictor (losses, metric of the replayed
+    prediction, lr, updates/s), ``agent/*`` for the agent (reward, metric, entropy, invalid-action rate,
+    query-steps/s, and SB3's own scalars under ``agent/train/...``, ``agent/rollout/...``), ``eval/*`` for the
+    greedy agent + predictor on the fixed evaluation sets.
+    """
+
+    def __init__(self, cfg: TrainConfig):
+        cfg.validate()
+        if cfg.agent == "fused":
+            raise ValueError("--agent fused is the paper's fused step: use Trainer")
+        if cfg.lambda_rl:
+            raise ValueError("--lambda-rl weighs the fused agent's L_RL; an external agent owns its RL loss")
+        super().__init__(replace(cfg, resume=False))
+        self.cfg = cfg
+        M = self.task.sample(1, torch.Generator().manual_seed(0)).M
+        self.native = cfg.agent in ("reinforce", "random")
+        # One round per tree batch: each predictor update sees batch_size context sets, as in the fused step.
+        self.env = TreeRetrievalVectorEnv(cfg.batch_size * M, task=self.task, predictor=self.model,
+                                          batch_size=cfg.batch_size, seed=cfg.seed, record_batches=True,
+                                          array_type="torch" if self.native else "numpy")
+        self.agent = make_agent(cfg.agent, self.env, **self.agent_options())
+        self._obs: dict[str, Any] | None = None
+        self._eval_envs: dict[int, TreeRetrievalVectorEnv] = {}
+        self._last_update = time.perf_counter()
+        if cfg.resume and self.ckpt_path.exists():
+            self.load(self.ckpt_path)
+
+    def model_config(self) -> ModelConfig:
+        return replace(self.cfg.model_config(self.task), lambda_rl=0.0, rl_baseline="none")
+
+    def agent_options(self) -> dict[str, Any]:
+        cfg = self.cfg
+        if cfg.agent == "reinforce":
+            base = {"lr": cfg.agent_lr or cfg.lr, "baseline": cfg.rl_baseline or "none", "seed": cfg.seed,
+                    "entropy_coef": 0.01 if cfg.entropy_coef is None else cfg.entropy_coef}
+        elif cfg.agent == "random":
+            base = {"seed": cfg.seed}
+        else:
+            base = {"seed": cfg.seed, "device": cfg.device}
+            if cfg.agent_lr is not None:
+                base["learning_rate"] = cfg.agent_lr
+            if cfg.entropy_coef is not None and cfg.agent != "dqn":
+                base["ent_coef"] = cfg.entropy_coef
+        return {**base, **cfg.agent_kwargs()}
+
+    @property
+    def shared_policy(self) -> bool:
+        return isinstance(self.agent, ReinforceAgent) and self.agent.shared
+
+    # ------------------------------------------------------------------------------------ one iteration
+
+    def rollout(self, batch: Batch | None = None) -> tuple[FinishedBatch, dict[str, Any]]:
+        """A native agent descends one tree batch (the next one, or ``batch``): k steps of every env slot."""
+        if batch is not None:
+            self._obs, _ = self.env.reset(options={"batch": batch})
+        elif self._obs is None:
+            self._obs, _ = self.env.reset(seed=self.cfg.seed + self.step)
+        agent, steps = self.agent, 0
+        log_prob = entropy = torch.zeros(self.env.num_envs, device=self.device)
+        while True:
+            if isinstance(agent, ReinforceAgent):
+                # A shared policy learns on the predictor's replay; a standalone one on these observations.
+                with torch.set_grad_enabled(not agent.shared):
+                    action, logp = agent.act(self._obs)
+                log_prob = log_prob + logp.gather(-1, action.unsqueeze(-1)).squeeze(-1)
+                entropy = entropy + search.entropy(logp)
+            else:
+                action = torch.as_tensor(agent.predict(self._obs)[0])
+            self._obs, reward, terminated, _, _ = self.env.step(action)
+            steps += 1
+            if bool(terminated.all()):
+                break
+        (finished,) = self.env.pop_finished()
+        return finished, {"log_prob": log_prob, "entropy": entropy, "reward": reward, "steps": steps}
+
+    def losses(self, fb: FinishedBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The predictor's loss on the agent's paths, plus the shared policy's REINFORCE term."""
+        self.model.train()
+        out = self.model(fb.batch, actions=fb.actions)
+        terms = {k: v for k, v in out.terms.items() if k not in ("loss_rl", "reward", "entropy")}
+        loss = out.loss
+        if self.shared_policy:
+            # The fused step's L_RL, on the same differentiable tree: reward of the training-mode prediction.
+            reward = self.model.head.reward(out.out, fb.batch.yt, self.model.cfg.reward)
+            l_rl = self.agent.loss(out.descent.log_prob, out.descent.entropy, reward)
+            loss = loss + l_rl
+            terms.update(loss_rl=l_rl.detach(), reward=reward.mean(), entropy=out.descent.entropy.detach().mean(),
+                         loss=loss.detach())
+        terms[self.metric_name] = out.metric.mean()
+        return loss, terms
+
+    def learn_from(self, fb: FinishedBatch) -> dict[str, float]:
+        """One predictor update on a finished tree batch; returns its statistics and the agent's."""
+        loss, terms = self.losses(fb)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip)
+        self.opt.step()
+        self.sched.step()
+        stats = {k: float(v) for k, v in terms.items()}
+        stats["grad_norm"] = float(grad_norm)
+        now = time.perf_counter()
+        query_steps = fb.actions.numel()
+        stats.update({"agent/reward": float(fb.reward.mean()), "agent/metric": float(fb.metric.mean()),
+                      "agent/invalid_action_rate": float(fb.invalid.sum()) / query_steps,
+                      "agent/query_steps_per_sec": query_steps / max(now - self._last_update, 1e-9)})
+        self._last_update = now
+        return stats
+
+    # ------------------------------------------------------------------------------------------ the loop
+
+    def run(self) -> None:
+        if isinstance(self.agent, BaseAlgorithm):
+            return self._run_sb3()
+        while self.step < self.cfg.steps:
+            fb, rollout = self.rollout()
+            stats = self.learn_from(fb)
+            if isinstance(self.agent, ReinforceAgent):
+                stats["agent/entropy"] = float(rollout["entropy"].mean()) / rollout["steps"]
+                if not self.agent.shared:
+                    stats["agent/loss"] = self.agent.update(rollout["log_prob"], rollout["entropy"],
+                                                            rollout["reward"], self.cfg.clip)
+            self.after_step(stats)
+
+    def _run_sb3(self) -> None:
+        agent, env = self.agent, self.env
+        agent.set_logger(Logger(folder=None, output_formats=[_AgentScalars(self)]))
+        per_batch = env.num_envs * env.queries.k_max
+        # Upper bound on env steps: the callback stops learning once the predictor has had its updates.
+        total = 2 * (self.cfg.steps - self.step + 1) * per_batch
+        log_interval = env.num_envs if isinstance(agent, DQN) else 1  # off-policy counts episodes
+        agent.learn(total_timesteps=total, callback=_PredictorUpdate(self), log_interval=log_interval,
+                    reset_num_timesteps=self.step == 0)
+
+    # -------------------------------------------------------------------------------------- evaluation
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Greedy agent + predictor on the fixed evaluation sets (through the env): mean metric per split."""
+        # The floor draws its own seeded choices, so an evaluation is a fixed function of the checkpoint.
+        agent = RandomAgent(self.cfg.eval_seed) if isinstance(self.agent, RandomAgent) else self.agent
+        out: dict[str, float] = {}
+        for split, batches in self.eval_sets.items():
+            total, count = 0.0, 0
+            for b in batches:
+                env = self._eval_env(b.B)
+                obs, _ = env.reset(options={"batch": b})
+                while True:
+                    obs, _, terminated, _, info = env.step(sb3_predict(agent, obs, deterministic=True))
+                    if terminated.all():
+                        break
+                metric = info["final_info"]["metric"]
+                total += float(metric.sum())
+                count += metric.size
+            out[f"{split}/{self.metric_name}"] = total / count
+        return out
+
+    def _eval_env(self, B: int) -> TreeRetrievalVectorEnv:
+        if B not in self._eval_envs:
+            M = self.env.queries.M
+            self._eval_envs[B] = TreeRetrievalVectorEnv(B * M, task=self.task, predictor=self.model, batch_size=B)
+        return self._eval_envs[B]
+
+    # ------------------------------------------------------------------------------------- checkpoints
+
+    def save(self, path: Path | None = None) -> Path:
+        """Checkpoint with the agent: its state inside, or (SB3) its own zip beside it, both written atomically."""
+        path = Path(path or self.ckpt_path)
+        state = self.state()
+        if isinstance(self.agent, BaseAlgorithm):
+            name = f"{path.stem}.agent.zip"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".zip", dir=path.parent)
+            os.close(fd)
+            try:
+                self.agent.save(tmp)
+                os.replace(tmp, path.parent / name)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+            state["agent"] = {"name": self.cfg.agent, "file": name}
+        else:
+            state["agent"] = {"name": self.cfg.agent, "state": self.agent.state_dict()}
+        return ckpt_io.save_atomic(state, path)
+
+    def load(self, path: Path) -> dict[str, Any]:
+        ckpt = super().load(path)
+        saved = ckpt.get("agent")
+        if saved is None or saved.get("name") != self.cfg.agent:
+            found = "no agent" if saved is None else f"agent {saved.get('name')!r}"
+            raise ValueError(f"checkpoint {path} holds {found}; this run uses --agent {self.cfg.agent}")
+        if isinstance(self.agent, BaseAlgorithm):
+            file = Path(path).parent / saved["file"]
+            if not file.is_file():
+                raise FileNotFoundError(f"checkpoint {path} needs its agent file {file}")
+            self.agent = type(self.agent).load(file, env=SB3VecEnv(self.env), device=self.cfg.device)
+        else:
+            self.agent.load_state_dict(saved["state"])
+        return ckpt
+
+
+class _PredictorUpdate(BaseCallback):
+    """Steps 3 and 4 of the loop for SB3 agents: at each rollout end, update the predictor on every finished
+    tree batch; stop learning once the predictor has had ``steps`` updates."""
+
+    def __init__(self, trainer: CoTrainer):
+        super().__init__()
+        self.trainer = trainer
+
+    def _on_step(self) -> bool:
+        return self.trainer.step < self.trainer.cfg.steps
+
+    def _on_rollout_end(self) -> None:
+        t = self.trainer
+        for fb in t.env.pop_finished():
+            if t.step < t.cfg.steps:
+                t.after_step(t.learn_from(fb))
+
+
+class _AgentScalars(KVWriter):
+    """SB3's logger output into the co-trainer's TensorBoard run, as ``agent/<key>`` at the predictor's step.
+
+    Adds ``agent/entropy``: minus PPO/A2C's entropy loss, or the entropy of DQN's epsilon-greedy policy.
+    """
+
+    def __init__(self, trainer: CoTrainer):
+        self.trainer = trainer
+
+    def write(self, key_values: dict[str, Any], key_excluded: dict[str, Any], step: int = 0) -> None:
+        writer, at = self.trainer.writer, self.trainer.step
+        for key, value in key_values.items():
+            excluded = key_excluded.get(key) or ()
+            if "tensorboard" in excluded or isinstance(value, (str, bool)) or not np.isscalar(value):
+                continue
+            writer.add_scalar(f"agent/{key}", float(value), at)
+        if "train/entropy_loss" in key_values:
+            writer.add_scalar("agent/entropy", -float(key_values["train/entropy_loss"]), at)
+        if "rollout/exploration_rate" in key_values:
+            eps, b = float(key_values["rollout/exploration_rate"]), self.trainer.env.queries.b
+            p = np.array([1 - eps + eps / b] + [eps / b] * (b - 1))
+            writer.add_scalar("agent/entropy", float(-(p * np.log(np.maximum(p, 1e-12))).sum()), at)
+
+    def close(self) -> None:
+        pass
+
+
+def make_trainer(cfg: TrainConfig) -> Trainer:
+    """The fused paper trainer for ``--agent fused``, the co-trainer through the env for any other agent."""
+    return Trainer(cfg) if cfg.agent == "fused" else CoTrainer(cfg)
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[ReTreever, dict[str, Any]]:
