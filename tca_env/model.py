@@ -324,8 +324,8 @@ class ReTreever(nn.Module):
             ctx.tree = build_tree(enc, c.branch, self.aggregator, c.ordering, batch.xc, c.coord, c.bptt)
             tok_kv = self._slot_kv(ctx) if full else None
             ctx.kv = S.TreeKV.from_tree(ctx.tree, self.readout.keys_values, tok_kv)
-            if lean:
-                ctx.enc = ctx.tree = None
+        if lean and c.decoder != "perceiver":  # Perceiver IO's latents still attend to the encodings
+            ctx.enc = ctx.tree = None
         ctx.query_emb = self.embed_queries(batch)
         ctx.q = self.readout.queries(ctx.query_emb)
         return ctx
@@ -431,12 +431,16 @@ class ReTreever(nn.Module):
         """Greedy inference: head output ``[B, M, out]`` with the configured decoder."""
         c = self.cfg
         ctx = self.prepare(batch, lean=True)
-        if c.decoder == "ca":
-            return self.predict_full(ctx)
         if c.decoder == "perceiver":
             return self.predict_perceiver(ctx)
-        descent = S.descend(ctx.kv, ctx.q, "greedy", stats=False)
-        attn = S.readout(ctx.kv, ctx.q, descent.path, descent)
-        del descent
-        ctx.kv = ctx.q = None  # the tree's keys and values are not needed for the feed-forward
+        # Both read-outs free their keys and values before the feed-forward (a fair memory comparison).
+        if c.decoder == "ca":
+            attn = self.readout.full(ctx.q, *ctx.enc_kv)
+            ctx.enc_kv = None
+        else:
+            descent = S.descend(ctx.kv, ctx.q, "greedy", stats=False)
+            attn = S.readout(ctx.kv, ctx.q, descent.path, descent)
+            del descent
+            ctx.kv = None
+        ctx.q = None
         return self.head(self.readout.finish(ctx.query_emb, attn))

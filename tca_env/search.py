@@ -289,21 +289,23 @@ def readout(kv: TreeKV, q: torch.Tensor, path: torch.Tensor, descent: Descent | 
     """
     shape = kv.shape
     b, k = shape.b, shape.k
-    ws = workspace(q, max(b, shape.P))
+    ws = workspace(q, 1)
     if descent is not None:
         logits = list(descent.sib_logits)
     else:
         logits = []
         for s in range(k):
-            sc, cm = child_scores(kv, q, s, path[..., s], ws)
+            sc, cm = child_scores(kv, q, s, path[..., s])
             logits.append(_sibling_logits(sc, cm, path[..., s + 1:s + 2] - b * path[..., s:s + 1]))
     leaf = path[..., k]  # [B, M]
-    tok_scores = _scores(q, _gather_block(kv.tok_keys, leaf, shape.P, ws))  # [B, M, P, H]
+    tok = bucket_index(shape, leaf)  # [B, M, P]
+    # One slot at a time, so the workspace holds a single row per query.
+    tok_scores = torch.cat([_scores(q, _gather_rows(kv.tok_keys, tok[..., j:j + 1], ws))
+                            for j in range(shape.P)], dim=2)  # [B, M, P, H]
     tok_mask = _block_mask(kv.tok_mask, leaf, shape.P)  # [B, M, P]
     if tok_mask is not None:
         tok_scores = tok_scores.masked_fill(~tok_mask.unsqueeze(-1), -torch.finfo(q.dtype).max)
     logits.append(tok_scores)
-    tok = bucket_index(shape, leaf)  # [B, M, P]
     attn = _softmax(torch.cat(logits, dim=2)).unsqueeze(-1)  # [B, M, |S|, H, 1]
     del logits, tok_scores
     n = (b - 1) * k
