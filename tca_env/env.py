@@ -195,6 +195,9 @@ class TreeQueries:
                              "batch_size * M a multiple of num_envs (tasks with a varying M need a fixed one, e.g. "
                              "the task option num_target)")
         k = tree_depth(N, self.b)
+        if k > self.k_max:
+            raise ValueError(f"a batch with N = {N} context tokens makes trees of depth {k}, deeper than the "
+                             f"observation space allows ({self.k_max}, from the task's max_context)")
         if k < 1:
             raise ValueError(f"a tree over N = {N} context tokens with branch factor {self.b} has depth 0: there is "
                              f"no decision to take; tasks need more than {self.b} context tokens")

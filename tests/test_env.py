@@ -145,6 +145,9 @@ def test_depth_zero_trees_and_bad_arguments_are_refused():
     env.reset(seed=0)
     with pytest.raises(ValueError, match=r"\[0, 2\)"):
         env.step(2)
+    longer = make_task("copy", seq_len=64).sample(1, torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="deeper"):
+        env.reset(options={"batch": longer})
 
 
 def test_masked_action_is_redirected_and_counted_or_refused():
