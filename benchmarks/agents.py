@@ -6,7 +6,7 @@ budget (``--steps`` updates) for every agent. Each agent runs ``tca train --agen
 process, one after the other; the random agent, co-trained with the same budget, is the floor.
 
     python benchmarks/agents.py                                   # all agents, bench_out/agents.{json,md}
-    python benchmarks/agents.py --agents reinforce random --steps 2000
+    python benchmarks/agents.py --agents reinforce ppo --extra "--reward nce" --name agents-nce
 
 Accuracy is the held-out greedy accuracy (``eval/test/accuracy``: 1,000 fixed sequences, the agent's
 greedy path, the predictor's prediction from S). Nothing here asserts.
@@ -60,16 +60,17 @@ def table(rows: list[dict]) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--agents", nargs="+", default=list(AGENTS), help="Agents to co-train, in order.")
-    p.add_argument("--steps", type=int, default=3000, help="Predictor updates (tree batches) per agent.")
+    p.add_argument("--steps", type=int, default=2000, help="Predictor updates (tree batches) per agent.")
     p.add_argument("--runs", default="runs/bench-agents", help="Parent directory of the run directories.")
     p.add_argument("--extra", default="", help="Extra flags for every `tca train`, e.g. '--reward nce'.")
-    p.add_argument("--out", default="bench_out", help="Directory for agents.json and agents.md.")
+    p.add_argument("--out", default="bench_out", help="Directory for the results.")
+    p.add_argument("--name", default="agents", help="Results go to OUT/NAME.json and OUT/NAME.md.")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     for agent in args.agents:
-        run_dir = Path(args.runs) / agent
+        run_dir = Path(args.runs) / args.name / agent
         cmd = command(agent, args.steps, run_dir, shlex.split(args.extra))
         t0 = time.perf_counter()
         res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -85,8 +86,9 @@ def main() -> None:
                      "command": shown})
         print(f"{agent}: greedy accuracy {rows[-1]['accuracy']:.4f} in {wall / 60:.1f} min", flush=True)
         ok = [r for r in rows if "error" not in r]
-        (out / "agents.json").write_text(json.dumps({"steps": args.steps, "results": rows}, indent=2))
-        (out / "agents.md").write_text(table(ok) + "\n")
+        (out / f"{args.name}.json").write_text(json.dumps({"steps": args.steps, "extra": args.extra, "results": rows},
+                                                           indent=2))
+        (out / f"{args.name}.md").write_text(table(ok) + "\n")
 
 
 if __name__ == "__main__":
