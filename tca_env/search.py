@@ -224,14 +224,24 @@ def descend(kv: TreeKV, q: torch.Tensor, mode: str = "greedy", actions: torch.Te
     return Descent(path, log_prob, ent, sib_logits, kv.shape.b)
 
 
+def sibling_positions(action: torch.Tensor, b: int) -> torch.Tensor:
+    """Child positions ``[B, M, b-1]`` of the siblings not taken by ``action [B, M, 1]``, in order."""
+    others = torch.arange(b - 1, device=action.device)
+    return others + (others >= action)
+
+
+def _step_action(path: torch.Tensor, b: int, s: int) -> torch.Tensor:
+    """``[B, M, 1]`` the child taken at step s of ``path [B, M, k+1]``."""
+    return path[..., s + 1:s + 2] - b * path[..., s:s + 1]
+
+
 def _sibling_logits(scores: torch.Tensor, mask: torch.Tensor | None, action: torch.Tensor) -> torch.Tensor:
     """Keep the per-head scores ``[B, M, b, H]`` of the b-1 unselected children: ``[B, M, b-1, H]``.
 
     Padded siblings get a finite large negative logit (weight exactly 0 after the softmax).
     """
     b, H = scores.shape[2], scores.shape[3]
-    others = torch.arange(b - 1, device=action.device)
-    pos = others + (others >= action)  # [B, M, b-1]
+    pos = sibling_positions(action, b)  # [B, M, b-1]
     sib = scores.gather(2, pos.unsqueeze(-1).expand(*pos.shape, H))
     if mask is None:
         return sib
@@ -266,10 +276,8 @@ def retrieved_set(tree: Tree, path: torch.Tensor) -> RetrievedSet:
     b, k = shape.b, shape.k
     dev = path.device
     levels, idx, mask = [], [], []
-    others = torch.arange(b - 1, device=dev)
     for s in range(k):
-        a = path[..., s + 1:s + 2] - b * path[..., s:s + 1]  # [B, M, 1]
-        sib = path[..., s:s + 1] * b + others + (others >= a)  # [B, M, b-1]
+        sib = path[..., s:s + 1] * b + sibling_positions(_step_action(path, b, s), b)  # [B, M, b-1]
         levels.append(torch.full((b - 1,), s + 1, device=dev))
         idx.append(sib)
         mask.append(_gather_rows(tree.node_mask[s + 1], sib))
@@ -296,7 +304,7 @@ def readout(kv: TreeKV, q: torch.Tensor, path: torch.Tensor, descent: Descent | 
         logits = []
         for s in range(k):
             sc, cm = child_scores(kv, q, s, path[..., s])
-            logits.append(_sibling_logits(sc, cm, path[..., s + 1:s + 2] - b * path[..., s:s + 1]))
+            logits.append(_sibling_logits(sc, cm, _step_action(path, b, s)))
     leaf = path[..., k]  # [B, M]
     tok = bucket_index(shape, leaf)  # [B, M, P]
     # One slot at a time, so the workspace holds a single row per query.
@@ -314,10 +322,8 @@ def readout(kv: TreeKV, q: torch.Tensor, path: torch.Tensor, descent: Descent | 
     out = torch.zeros_like(q)  # [B, M, H, dh]
     for j in range(shape.P):
         out.addcmul_(attn[:, :, n + j], _gather_rows(kv.tok_values, tok[..., j:j + 1], ws).squeeze(2))
-    others = torch.arange(b - 1, device=path.device)
     for s in range(k):
-        a = path[..., s + 1:s + 2] - b * path[..., s:s + 1]  # [B, M, 1]
-        sib = path[..., s:s + 1] * b + others + (others >= a)  # [B, M, b-1]
+        sib = path[..., s:s + 1] * b + sibling_positions(_step_action(path, b, s), b)  # [B, M, b-1]
         for j in range(b - 1):
             v = _gather_rows(kv.values[s], sib[..., j:j + 1], ws).squeeze(2)  # [B, M, H, dh]
             out.addcmul_(attn[:, :, s * (b - 1) + j], v)
@@ -331,19 +337,3 @@ def _softmax(x: torch.Tensor) -> torch.Tensor:
     x -= x.amax(dim=2, keepdim=True)
     x.exp_()
     return x.div_(x.sum(dim=2, keepdim=True))
-
-
-def _softmax(x: torch.Tensor) -> torch.Tensor:
-    """Softmax over dim 2, in place when no graph is recorded (inference memory)."""
-    if torch.is_grad_enabled():
-        return x.softmax(dim=2)
-    x -= x.amax(dim=2, keepdim=True)
-    x.exp_()
-    return x.div_(x.sum(dim=2, keepdim=True))
-
-
-def _weighted(attn: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """``attn [B, M, c, H, 1]``, freshly gathered ``values [B, M, c, H, dh]`` -> ``[B, M, H, dh]``."""
-    if torch.is_grad_enabled():
-        return (attn * values).sum(2)
-    return values.mul_(attn).sum(2)
