@@ -132,11 +132,14 @@ def policy_log_probs(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.T
 
     Masked children get probability exactly 0 (log-prob ``-inf``).
     """
+    # A real child's probability can underflow to 0 (a large score gap); the floor keeps its log-prob, and
+    # so the entropy's gradient, finite (x log x at x = 0 has a 0/0 = NaN backward).
+    tiny = torch.finfo(scores.dtype).tiny
     if mask is None:  # no padded child at this level
-        return softmax_small(scores, dim=2).mean(-1).log()
+        return softmax_small(scores, dim=2).mean(-1).clamp_min(tiny).log()
     neg = -torch.finfo(scores.dtype).max
     attn = softmax_small(scores.masked_fill(~mask.unsqueeze(-1), neg), dim=2)  # [B, M, b, H]
-    probs = attn.mean(-1).masked_fill(~mask, 0.0)  # [B, M, b]
+    probs = attn.mean(-1).clamp_min(tiny).masked_fill(~mask, 0.0)  # [B, M, b]
     return probs.log()
 
 

@@ -167,3 +167,14 @@ def test_inference_fast_path_equals_autograd_path(n, b):
     slow = model(batch, search="greedy", with_ca=False)
     assert slow.out.requires_grad
     torch.testing.assert_close(fast, slow.out.detach(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_underflowed_child_probability_keeps_gradients_finite(masked):
+    # A score gap of 400 underflows one child's probability to exactly 0 in float32.
+    scores = torch.tensor([200.0, -200.0, 0.0]).view(1, 1, 3, 1).expand(1, 1, 3, 2).clone().requires_grad_()
+    mask = torch.tensor([[[True, True, not masked]]])
+    logp = S.policy_log_probs(scores, mask)
+    assert torch.isfinite(logp[..., :2]).all() and (logp[..., 2].isinf().item() == masked)
+    (S.entropy(logp).sum() + logp[..., 0].sum()).backward()
+    assert torch.isfinite(scores.grad).all()
