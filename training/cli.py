@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--eval-seed", type=int, default=None, help="Evaluation seed (default: as trained).")
     ev.add_argument("--device", default="cpu", help="Torch device (default: cpu).")
     ev.add_argument("--json", action="store_true", help="Print the result as JSON.")
+    ev.add_argument("--png", default=None, help="Also save the task's figure (GP fits, image completions) here.")
     return p
 
 
@@ -96,6 +97,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     else:
         trainer.load(args.checkpoint)  # the predictor and its agent, evaluated together through the env
     result = trainer.evaluate()
+    if args.png is not None:
+        fig = trainer.figure()
+        if fig is None:
+            raise ValueError(f"task {cfg.task!r} has no figure to save as {args.png}")
+        fig.savefig(args.png, dpi=120)
     if args.json:
         print(json.dumps(result))
     else:

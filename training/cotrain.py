@@ -15,7 +15,7 @@ import tempfile
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -37,6 +37,9 @@ from tca_env.vector_env import TreeRetrievalVectorEnv
 
 from . import checkpoint as ckpt_io
 from .config import TrainConfig
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 METRIC_NAMES = {"class": "accuracy", "normal": "log_likelihood", "reg": "neg_mse"}
 
@@ -105,6 +108,16 @@ class Trainer:
                 count += m.numel()
             out[f"{split}/{self.metric_name}"] = total / count
         return out
+
+    @torch.no_grad()
+    def figure(self) -> Figure | None:
+        """The task's figure (:meth:`Task.figure`) of greedy predictions on a fixed batch, or None.
+
+        It draws the predictor's own greedy search: with an external ``--agent`` that is not the agent's path.
+        """
+        self.model.eval()
+        batch = self.task.figure_batch(torch.Generator().manual_seed(self.cfg.eval_seed), self.device)
+        return self.task.figure(batch, self.model.predict(batch), self.model.head)
 
     # ---------------------------------------------------------------------------------- checkpoints
 
@@ -184,6 +197,9 @@ class Trainer:
     def _log_eval(self, writer, evals: dict[str, float], bar) -> None:
         for k, v in evals.items():
             writer.add_scalar(f"eval/{k}", v, self.step)
+        fig = self.figure()
+        if fig is not None:
+            writer.add_figure("eval/figure", fig, self.step)
         msg = " ".join(f"{k}={v:.4f}" for k, v in evals.items())
         (bar.write if bar is not None else print)(f"step {self.step}: eval {msg}")
 

@@ -7,8 +7,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, fields, replace
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 HEADS = ("class", "reg", "normal")
 ORDERINGS = ("natural", "coord", "projection", "kd")
@@ -126,6 +130,19 @@ class Task(ABC):
     def sample(self, batch_size: int, generator: torch.Generator, device: torch.device | str = "cpu",
                split: str = "train") -> Batch:
         """Draw ``batch_size`` tasks with ``generator`` (a CPU generator, so results do not depend on device)."""
+
+    def figure_batch(self, generator: torch.Generator, device: torch.device | str = "cpu") -> Batch:
+        """Tasks to draw in :meth:`figure` (default: 4 from the first evaluation split)."""
+        return self.sample(4, generator, device, split=self.eval_splits[0])
+
+    def figure(self, batch: Batch, out: torch.Tensor, head: Any) -> Figure | None:
+        """A picture of the predictions ``out`` (raw head output ``[B, M, ...]``) on ``batch``.
+
+        ``head`` is the model's output head (``head.mean_std(out)`` for a Normal head, ``head.point(out)``);
+        it is passed in rather than imported, since tasks never import the model. The trainer logs the
+        figure to TensorBoard at every evaluation and ``tca eval --png`` saves it. Default: no figure.
+        """
+        return None
 
     def eval_batches(self, num: int, batch_size: int, seed: int, device: torch.device | str = "cpu",
                      split: str = "test") -> list[Batch]:

@@ -22,7 +22,7 @@ This module also holds :func:`context_target_sizes`, the N / M protocol shared w
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -186,6 +186,24 @@ class GPTask(Task):
         kernel = split if split in KERNELS else self.kernel
         y = sample_gp(x, length, scale, kernel, self.noise_std, generator)  # [B, N+M, 1]
         return Batch(xc=x[:, :n], yc=y[:, :n], xt=x[:, n:], yt=y[:, n:]).to(device)
+
+    def figure_batch(self, generator: torch.Generator, device: torch.device | str = "cpu", num_tasks: int = 4,
+                     grid: int = 200) -> Batch:
+        """``num_tasks`` functions with ``max_context // 2`` random context points and ``grid`` targets
+        evenly spaced over ``x_range`` (drawn jointly), so the plotted fit is a smooth curve."""
+        n = max(self.min_points, self.max_context // 2)
+        lo, hi = self.x_range
+        xc = lo + (hi - lo) * torch.rand(num_tasks, n, 1, generator=generator)  # [B, N, 1]
+        xt = torch.linspace(lo, hi, grid).expand(num_tasks, grid)[..., None]  # [B, G, 1]
+        x = torch.cat([xc, xt], 1)  # [B, N+G, 1]
+        length, scale = self.sample_hyperparameters(num_tasks, generator)
+        y = sample_gp(x, length, scale, self.kernel, self.noise_std, generator)  # [B, N+G, 1]
+        return Batch(xc=xc, yc=y[:, :n], xt=xt, yt=y[:, n:]).to(device)
+
+    def figure(self, batch: Batch, out: torch.Tensor, head: Any) -> Figure:
+        """:func:`plot_gp_fit` of the Normal head's mean and +/- 2 std (see :meth:`Task.figure`)."""
+        mean, std = head.mean_std(out)
+        return plot_gp_fit(batch.xc, batch.yc, batch.xt, batch.yt, mean, std)
 
 
 def plot_gp_fit(xc: torch.Tensor, yc: torch.Tensor, xt: torch.Tensor, yt: torch.Tensor, mean: torch.Tensor,

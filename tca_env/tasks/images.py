@@ -40,7 +40,7 @@ import importlib.util
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -290,6 +290,10 @@ class ImageCompletionTask(Task):
                              f"available splits: {sorted(self.splits)}")
         n, m = context_target_sizes(generator, self.min_points, self._max_context, self.max_total,
                                     self.num_context, self.num_target)
+        return self._draw(batch_size, generator, split, n, m).to(device)
+
+    def _draw(self, batch_size: int, generator: torch.Generator, split: str, n: int, m: int) -> Batch:
+        """``batch_size`` images of ``split``, each with N = ``n`` context and M = ``m`` target pixels."""
         C, H, W = self.image_shape
         pool = self.splits[split]
         idx = pool[torch.randint(0, pool.numel(), (batch_size,), generator=generator)]  # [B]
@@ -298,7 +302,20 @@ class ImageCompletionTask(Task):
         chosen = torch.rand(batch_size, H * W, generator=generator).argsort(-1)[:, :n + m]  # [B, N+M]
         values = pixels.gather(2, chosen[:, None, :].expand(-1, C, -1)).transpose(1, 2) - 0.5  # [B, N+M, C]
         coords = pixel_coordinates(chosen, H, W)  # [B, N+M, 2]
-        return Batch(xc=coords[:, :n], yc=values[:, :n], xt=coords[:, n:], yt=values[:, n:]).to(device)
+        return Batch(xc=coords[:, :n], yc=values[:, :n], xt=coords[:, n:], yt=values[:, n:])
+
+    def figure_batch(self, generator: torch.Generator, device: torch.device | str = "cpu", num_tasks: int = 4
+                     ) -> Batch:
+        """``num_tasks`` images of the first evaluation split with ``max_context // 2`` context pixels and
+        every other pixel as a target, so the completion shows the whole image."""
+        _, H, W = self.image_shape
+        n = max(self.min_points, self.max_context // 2)
+        return self._draw(num_tasks, generator, self.eval_splits[0], n, H * W - n).to(device)
+
+    def figure(self, batch: Batch, out: torch.Tensor, head: Any) -> Figure:
+        """:func:`plot_completions`: context / truth / mean / std panels (see :meth:`Task.figure`)."""
+        mean, std = head.mean_std(out)
+        return plot_completions(batch.xc, batch.yc, batch.xt, batch.yt, mean, std, self.image_shape)
 
 
 def pixel_coordinates(flat: torch.Tensor, height: int, width: int) -> torch.Tensor:
