@@ -145,7 +145,7 @@ def test_renderer_puts_paper_numbers_beside_ours_and_flags_orderings(tmp_path: P
 
 def test_reproduce_skips_finished_runs_and_renders(tmp_path: Path, capsys) -> None:
     rep = load_reproduce()
-    runs_dir = tmp_path / "runs"
+    runs_dir = tmp_path / "json"
     runs_dir.mkdir()
     rec = fake_run("faces", "tca", 0, {"test/log_likelihood": 0.9}, 9, 196)
     (runs_dir / "faces-tca-s0.json").write_text(json.dumps(rec))
