@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -71,6 +72,8 @@ def main() -> None:
     rows: list[dict] = []
     for agent in args.agents:
         run_dir = Path(args.runs) / args.name / agent
+        if run_dir.exists():  # a stale run's events would mix into the accuracy curve
+            shutil.rmtree(run_dir)
         cmd = command(agent, args.steps, run_dir, shlex.split(args.extra))
         t0 = time.perf_counter()
         res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
