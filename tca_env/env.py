@@ -216,6 +216,15 @@ class TreeQueries:
             self.invalids = torch.zeros(self.Q, dtype=torch.long, device=self.device)
         self._start_round()
 
+    def start(self, options: dict[str, Any], seed: int | None, rng: np.random.Generator) -> None:
+        """Begin the next episodes on reset: a given batch, a new batch (seeded or first), or the next round."""
+        if "batch" in options:
+            self.load_batch(options["batch"])
+        elif seed is not None or not self.ready:
+            self.sample_batch(rng)
+        else:
+            self.next_round(rng)
+
     def next_round(self, rng: np.random.Generator) -> None:
         """Start the next round of queries, sampling a new batch after the last one."""
         if not self.done:
@@ -457,13 +466,7 @@ class TreeRetrievalEnv(gym.Env):
             seed = self._first_seed
         super().reset(seed=seed)
         options = options or {}
-        q = self.queries
-        if "batch" in options:
-            q.load_batch(options["batch"])
-        elif seed is not None or not q.ready:
-            q.sample_batch(self.np_random)
-        else:
-            q.next_round(self.np_random)
+        self.queries.start(options, seed, self.np_random)
         self._trace, self._last = [], {}
         return self._obs(), {}
 

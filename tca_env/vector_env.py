@@ -99,13 +99,7 @@ class TreeRetrievalVectorEnv(VectorEnv):
         if mask is not None and not bool(np.all(np.asarray(mask))):
             raise ValueError("the episodes of TreeRetrievalVectorEnv run in lockstep: reset_mask must select every "
                              "env (they all end on the same step)")
-        q = self.queries
-        if "batch" in options:
-            q.load_batch(options["batch"])
-        elif seed is not None or not q.ready:
-            q.sample_batch(self.np_random)
-        else:
-            q.next_round(self.np_random)
+        self.queries.start(options, seed, self.np_random)
         self._ended = False
         return self._obs(), {}
 
