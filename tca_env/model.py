@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
 from . import search as S
 from .tasks.base import HEADS, ORDERINGS, REWARDS, Batch, Task
 from .tree import Aggregator, Tree, TreeShape, build_tree, retrieved_size
@@ -130,7 +131,8 @@ class ReadOut(nn.Module):
 
     def queries(self, x: torch.Tensor) -> torch.Tensor:
         """``[..., D]`` -> ``[..., H, dh]``, scaled by 1/sqrt(dh) so scores are plain dot products."""
-        q = self.q_proj(self.norm_q(x)) * self.dh**-0.5
+        q = self.q_proj(self.norm_q(x))
+        q = q.mul_(self.dh**-0.5) if not torch.is_grad_enabled() else q * self.dh**-0.5
         return q.unflatten(-1, (self.nhead, self.dh))
 
     def keys_values(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -359,7 +361,7 @@ class ReTreever(nn.Module):
         B = ctx.enc.shape[0]
         lat = self.latent_attn(self.latents.expand(B, -1, -1), ctx.enc)  # [B, L, D]
         k, v = self.readout.keys_values(lat)
-        return self.head(self.readout.finish(ctx.query_emb, self.readout.full(ctx.q, k, v)))
+        return self.finish_head(ctx.query_emb, self.readout.full(ctx.q, k, v))
 
     # ------------------------------------------------------------------------------ forward + losses
 
@@ -430,6 +432,8 @@ class ReTreever(nn.Module):
     def predict(self, batch: Batch) -> torch.Tensor:
         """Greedy inference: head output ``[B, M, out]`` with the configured decoder."""
         c = self.cfg
+        if c.decoder == "tca" and self.readout.dh <= kernels.DH_MAX and kernels.usable(self.readout.kv_proj.weight):
+            return self._predict_tca_fused(batch)
         ctx = self.prepare(batch, lean=True)
         if c.decoder == "perceiver":
             return self.predict_perceiver(ctx)
@@ -438,9 +442,68 @@ class ReTreever(nn.Module):
             attn = self.readout.full(ctx.q, *ctx.enc_kv)
             ctx.enc_kv = None
         else:
-            descent = S.descend(ctx.kv, ctx.q, "greedy", stats=False)
-            attn = S.readout(ctx.kv, ctx.q, descent.path, descent)
-            del descent
+            attn, _ = S.greedy_readout(ctx.kv, ctx.q)
             ctx.kv = None
         ctx.q = None
-        return self.head(self.readout.finish(ctx.query_emb, attn))
+        return self.finish_head(ctx.query_emb, attn)
+
+    #: rows per chunk of :meth:`finish_head` without autograd
+    finish_chunk_rows = 4096
+
+    def finish_head(self, query_emb: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """Residual + feed-forward + head: ``[B, M, D]``, ``[B, M, H, dh]`` -> ``[B, M, out]``.
+
+        Without autograd the rows go through in chunks of ``finish_chunk_rows``, so the feed-forward's
+        temporaries (several ``[B, M, D]``-sized tensors) never exist for the whole batch; every decoder
+        uses this (a fair memory comparison).
+        """
+        if torch.is_grad_enabled() or query_emb.numel() == 0:
+            return self.head(self.readout.finish(query_emb, attn))
+        lead = query_emb.shape[:-1]
+        x, a = query_emb.reshape(-1, query_emb.shape[-1]), attn.reshape(-1, *attn.shape[-2:])
+        out = None
+        for r0 in range(0, x.shape[0], self.finish_chunk_rows):
+            r1 = min(x.shape[0], r0 + self.finish_chunk_rows)
+            o = self.head(self.readout.finish(x[r0:r1], a[r0:r1]))
+            if out is None:
+                out = o.new_empty(x.shape[0], o.shape[-1])
+            out[r0:r1] = o
+        return out.view(*lead, -1)
+
+    #: token slots per chunk of trees in :meth:`_predict_tca_fused`
+    fused_chunk_slots = 4096
+
+    def _predict_tca_fused(self, batch: Batch) -> torch.Tensor:
+        """Greedy TCA inference with the fused C kernel, streamed over chunks of trees for low peak memory.
+
+        Same result as the generic path (up to float rounding; tests/test_kernels.py). Encode, build the
+        trees and embed the queries for the whole batch; then for a few trees at a time (about
+        ``fused_chunk_slots`` token slots) project their nodes' and tokens' keys and values and their
+        queries, run the kernel and the feed-forward and head. Keys, values, queries and read-outs
+        exist for one chunk at a time, never for the whole batch.
+        """
+        c = self.cfg
+        enc = self.encode_context(batch)
+        tree = build_tree(enc, c.branch, self.aggregator, c.ordering, batch.xc, c.coord, c.bptt)
+        del enc  # tree.tokens holds the (ordered) encodings
+        shape = tree.shape
+        levels = range(1, shape.k + 1)
+        node_masks = [None if bool((shape.counts(lvl) > 0).all()) else tree.node_mask[lvl] for lvl in levels]
+        tok_mask = None if shape.n == shape.num_slots else tree.token_mask
+        query_emb = self.embed_queries(batch)
+        B, step = query_emb.shape[0], max(1, self.fused_chunk_slots // shape.num_slots)
+        out = None
+        for b0 in range(0, B, step):
+            b1 = min(B, b0 + step)
+            node_kv = [self.readout.keys_values(tree.nodes[lvl][b0:b1]) for lvl in levels]
+            tk, tv = self.readout.keys_values(tree.tokens[b0:b1])
+            kv = S.TreeKV(shape, [k for k, _ in node_kv], [v for _, v in node_kv],
+                          [None if m is None else m[b0:b1] for m in node_masks], tk, tv,
+                          None if tok_mask is None else tok_mask[b0:b1])
+            attn, _ = kernels.greedy_readout(kv, self.readout.queries(query_emb[b0:b1]))
+            del node_kv, tk, tv, kv
+            o = self.head(self.readout.finish(query_emb[b0:b1], attn))
+            if out is None:
+                out = o.new_empty(B, *o.shape[1:])
+            out[b0:b1] = o
+        return out

@@ -333,6 +333,23 @@ def readout(kv: TreeKV, q: torch.Tensor, path: torch.Tensor, descent: Descent | 
     return out
 
 
+def greedy_readout(kv: TreeKV, q: torch.Tensor, with_path: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Greedy inference in one call: the read-out ``[B, M, H, dh]`` over each query's greedy S (and its path).
+
+    Uses the fused C kernel (:mod:`tca_env.kernels`) for float32 CPU tensors without autograd, and
+    :func:`descend` + :func:`readout` otherwise; both give the same S and, up to float rounding, the same
+    read-out.
+    """
+    from . import kernels
+
+    if kernels.usable(q, *kv.keys, kv.tok_keys):
+        attn, path = kernels.greedy_readout(kv, q, with_path)
+        if attn is not None:
+            return attn, path
+    d = descend(kv, q, "greedy", stats=False)
+    return readout(kv, q, d.path, d), d.path if with_path else None
+
+
 def _softmax(x: torch.Tensor) -> torch.Tensor:
     """Softmax over dim 2, in place when no graph is recorded (inference memory)."""
     if torch.is_grad_enabled():

@@ -162,8 +162,17 @@ class Aggregator(nn.Module):
                                 nn.Linear(dim_ff, d_model))
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x ``[G, c, D]`` groups of c children, mask ``[G, c]`` -> node ``[G, D]``, node mask ``[G]``."""
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x ``[G, c, D]`` groups of c children, mask ``[G, c]`` -> node ``[G, D]``, node mask ``[G]``.
+
+        ``mask=None`` means every child is real (node mask None). Without autograd (and without active
+        dropout) the layer runs :meth:`_forward_inference` on cache-sized chunks of groups.
+        """
+        if not (torch.is_grad_enabled() and (x.requires_grad or self.qkv.weight.requires_grad)) \
+                and (not self.training or self.drop.p == 0):
+            return self._forward_inference(x, mask)
+        if mask is None:
+            mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
         c = x.shape[1]
         q, k, v = self.qkv(self.norm1(x)).unflatten(-1, (3, self.nhead, self.dh)).unbind(-3)  # [G, c, H, dh]
         # One key at a time (c <= b + 1 is small): temporaries stay at the size of q instead of c times it.
@@ -184,6 +193,65 @@ class Aggregator(nn.Module):
         w = mask.to(x.dtype).unsqueeze(-1)  # [G, c, 1]
         node = (h.mul_(w) if inplace else h * w).sum(1) / w.sum(1).clamp_min(1.0)  # [G, D]
         return node, mask.any(1)
+
+    #: groups per chunk of the inference path: its temporaries (about 10 D-wide rows per child) stay in
+    #: the CPU's cache instead of streaming tens of MiB through memory at every level.
+    chunk_groups = 512
+
+    @torch.no_grad()
+    def _forward_inference(self, x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The same layer and masked mean without autograd, restructured for speed and memory.
+
+        Exact rewrites (equal up to float rounding; tests/test_kernels.py checks): the masked mean is
+        taken before the feed-forward's second linear map (mean_i (W r_i + c) = W mean_i r_i + c,
+        which halves that product for b = 2); the children's self-attention runs in the fused C kernel
+        when available (tca_env.kernels); and groups are processed in chunks of ``chunk_groups``.
+        """
+        from . import kernels
+
+        G, c, D = x.shape
+        node = x.new_empty(G, D)
+        use_c = kernels.usable(x)
+        w_all = None
+        if mask is not None:
+            w_all = mask.to(x.dtype)
+            w_all = w_all / w_all.sum(1, keepdim=True).clamp_min(1.0)  # [G, c]: masked mean weights
+        W2, b2 = self.ff[3].weight, self.ff[3].bias
+        for g0 in range(0, G, self.chunk_groups):
+            g1 = min(G, g0 + self.chunk_groups)
+            xc = x[g0:g1]
+            m = None if mask is None else mask[g0:g1]
+            qkv = self.qkv(self.norm1(xc))  # [g, c, 3D]
+            if use_c:
+                att = kernels.group_attention(qkv.view(g1 - g0, c, 3, self.nhead, self.dh), m, self.dh**-0.5)
+            else:
+                att = self._attend(qkv, m)
+            del qkv
+            h = self.out(att.view(g1 - g0, c, D)).add_(xc)  # [g, c, D]
+            del att
+            r = self.ff[1](self.ff[0](self.norm2(h)))  # [g, c, F] (ReLU in place)
+            if mask is None:
+                hm, rm, wsum = h.mean(1), r.mean(1), None
+            else:
+                w = w_all[g0:g1].unsqueeze(-1)  # [g, c, 1]
+                hm, rm, wsum = h.mul_(w).sum(1), r.mul_(w).sum(1), w.sum(1)  # [g, D], [g, F], [g, 1]
+            del h, r
+            out = torch.addmm(hm, rm, W2.t(), out=node[g0:g1])
+            out += b2 if wsum is None else wsum * b2  # a fully padded group stays exactly 0
+        return node, None if mask is None else mask.any(1)
+
+    def _attend(self, qkv: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """PyTorch version of kernels.group_attention: ``[g, c, 3D]`` -> ``[g, c, H, dh]``."""
+        c = qkv.shape[1]
+        q, k, v = qkv.unflatten(-1, (3, self.nhead, self.dh)).unbind(-3)  # [g, c, H, dh]
+        scores = torch.stack([(q * k[:, j:j + 1]).sum(-1) for j in range(c)], dim=2) * self.dh**-0.5
+        if mask is not None:
+            scores = scores.masked_fill(~mask[:, None, :, None], -torch.finfo(qkv.dtype).max)
+        attn = softmax_small(scores, dim=2)  # [g, c, c, H]
+        out = torch.zeros_like(q)
+        for j in range(c):
+            out.addcmul_(attn[:, :, j:j + 1].transpose(2, 3), v[:, j:j + 1])
+        return out
 
 
 @dataclass
@@ -229,18 +297,26 @@ def build_tree(enc: torch.Tensor, b: int, aggregator: Aggregator, ordering: str 
         raise ValueError("empty batch: B = 0")
     shape = TreeShape(N, b)
     perm = order_tokens(coords, N, b, ordering, coord, batch_size=B)  # [B, N]
-    slot = shape.slot_index(enc.device)  # [N]
-    tokens = enc.new_zeros(B, shape.num_slots, D)
-    tokens[:, slot] = enc.gather(1, perm.unsqueeze(-1).expand(B, N, D))  # [B, P*b^k, D]
+    ordered = enc if ordering == "natural" else enc.gather(1, perm.unsqueeze(-1).expand(B, N, D))
+    if N == shape.num_slots:  # no padding: the slots are the ordered tokens (no copy)
+        tokens = ordered
+    else:
+        tokens = enc.new_zeros(B, shape.num_slots, D)
+        tokens[:, shape.slot_index(enc.device)] = ordered  # [B, P*b^k, D]
     token_mask = shape.slot_mask(enc.device).expand(B, -1)  # [B, P*b^k]
 
     k, P = shape.k, shape.P
-    x, m = tokens.reshape(B * b**k, P, D), token_mask.reshape(B * b**k, P)
+    # Masks are handed to the aggregator only where a level has padding (it depends on N alone).
+    x = tokens.reshape(B * b**k, P, D)
+    m = None if N == shape.num_slots else token_mask.reshape(B * b**k, P)
     nodes: list[torch.Tensor] = [enc.new_empty(0)] * (k + 1)
     masks: list[torch.Tensor] = [token_mask.new_empty(0)] * (k + 1)
     for level in range(k, -1, -1):
         node, nm = aggregator(x if bptt else x.detach(), m)  # [B*b^level, D]
+        if nm is None:
+            nm = torch.ones(B * b**level, dtype=torch.bool, device=enc.device)
         nodes[level], masks[level] = node.reshape(B, b**level, D), nm.reshape(B, b**level)
         if level > 0:
-            x, m = node.reshape(B * b ** (level - 1), b, D), nm.reshape(B * b ** (level - 1), b)
+            x = node.reshape(B * b ** (level - 1), b, D)
+            m = None if bool((shape.counts(level) > 0).all()) else nm.reshape(B * b ** (level - 1), b)
     return Tree(shape, tokens, token_mask, nodes, masks, perm)

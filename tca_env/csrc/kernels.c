@@ -1,0 +1,283 @@
+/* Fused CPU kernels for greedy Tree Cross Attention inference (no autograd).
+ *
+ * Written for tca_env/kernels.py, which compiles this file with the system C compiler on first use
+ * and calls it through ctypes. Every function handles a range [start, end) of independent rows so the
+ * caller can split work across threads (ctypes releases the GIL). Layouts are those of the PyTorch
+ * tensors in tca_env/search.py and tca_env/tree.py, all float32 and C-contiguous; boolean masks are
+ * one byte per element and may be NULL (no padding). The PyTorch code paths remain the reference:
+ * tests/test_kernels.py checks these kernels against them.
+ */
+#include <float.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#define FMAX(a, b) ((a) > (b) ? (a) : (b)) /* inlined (fmaxf may be a call); inputs are NaN-free */
+
+static inline __attribute__((always_inline)) float dot(const float *a, const float *b, int n) {
+    float s = 0.0f;
+    for (int t = 0; t < n; t++) s += a[t] * b[t];
+    return s;
+}
+
+/* exp(x) for x <= 0 (softmax terms after subtracting the max): Cody-Waite reduction and the Cephes
+ * degree-6 polynomial, within ~2 ulp of expf. Branch-free and call-free so loops over arrays of
+ * arguments vectorize. Arguments below -87 give exp(-87) ~ 1.6e-38 instead of less (callers zero
+ * masked entries explicitly; next to the max term, which is 1, the difference is nil). */
+static inline float fexp(float x) {
+    x = x < -87.0f ? -87.0f : x;
+    const float n = (float)(int32_t)(x * 1.44269504088896341f - 0.5f); /* nearest integer (x <= 0) */
+    const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    union { int32_t i; float f; } s = {.i = ((int32_t)n + 127) << 23};
+    return p * s.f;
+}
+
+typedef float v16 __attribute__((vector_size(64)));
+typedef float v16u __attribute__((vector_size(64), aligned(4))); /* for unaligned loads */
+
+static inline v16 ld16(const float *p) { return *(const v16u *)p; }
+
+/* Horizontal sums of four 16-lane vectors into o[0..3], one shuffle tree for all four. */
+static inline void hsum4(v16 a, v16 b, v16 c, v16 d, float *o) {
+    v16 x = __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+            __builtin_shufflevector(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+    v16 y = __builtin_shufflevector(c, d, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+            __builtin_shufflevector(c, d, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+    v16 z = __builtin_shufflevector(x, y, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+            __builtin_shufflevector(x, y, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+    z += __builtin_shufflevector(z, z, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+    z += __builtin_shufflevector(z, z, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+    o[0] = z[0]; o[1] = z[4]; o[2] = z[8]; o[3] = z[12];
+}
+
+/* Per-head dot products of a query row and a key row, both [H, dh]: o[h] = <q_h, k_h>. */
+static inline __attribute__((always_inline)) void head_dots(const float *q, const float *k, int H, int dh,
+                                                            float *o) {
+    int h = 0;
+    if (dh == 16)
+        for (; h + 4 <= H; h += 4)
+            hsum4(ld16(q + h * 16) * ld16(k + h * 16), ld16(q + h * 16 + 16) * ld16(k + h * 16 + 16),
+                  ld16(q + h * 16 + 32) * ld16(k + h * 16 + 32), ld16(q + h * 16 + 48) * ld16(k + h * 16 + 48),
+                  o + h);
+    for (; h < H; h++) o[h] = dot(q + h * dh, k + h * dh, dh);
+}
+
+#define DH_MAX 256 /* largest head width handled */
+#define QB 16      /* queries advanced together, level by level: their row loads are in flight together */
+
+/* Greedy descent and read-out for queries [start, end) of q [B*M, H, dh] (pre-scaled).
+ *
+ * keys[s], values[s]: [B, b^(s+1), H, dh], the candidates of step s (0 <= s < k); masks[s]: [B, b^(s+1)]
+ * or NULL. tok_k, tok_v: [B, b^k * P, H, dh]; tok_mask: [B, b^k * P] or NULL.
+ * The policy at a node is mean_h softmax_c(<q_h, k_{c,h}>) (masked children get 0); greedy takes the
+ * first argmax. S = the b-1 unselected siblings of every step, then the P slots of the chosen bucket;
+ * out[i] = per-head softmax attention over S (masked entries get weight 0). path (may be NULL):
+ * [B*M, k+1] node index per level.
+ */
+static inline __attribute__((always_inline)) void
+greedy_readout(int64_t M, int H, int dh, int b, int k, int P,
+               const float *q, const float *const *keys, const float *const *values,
+               const uint8_t *const *masks, const float *tok_k, const float *tok_v,
+               const uint8_t *tok_mask, float *out, int64_t *path, int64_t start, int64_t end) {
+    const int D = H * dh;
+    const int nS = (b - 1) * k + P;
+    float *logit = malloc(sizeof(float) * (size_t)QB * H * nS); /* [QB][H][nS], then the weights */
+    float *realf = malloc(sizeof(float) * (size_t)QB * H * nS); /* 1 for real entries of S, else 0 */
+    const float **vrow = malloc(sizeof(float *) * (size_t)QB * nS);
+    float *sc = malloc(sizeof(float) * (size_t)QB * b * H); /* [QB][b][H] children's scores */
+    float *pr = malloc(sizeof(float) * (size_t)QB * H);     /* [QB][H] binary policy per head */
+    float *ex = malloc(sizeof(float) * (size_t)b * H);
+    float *prob = malloc(sizeof(float) * (size_t)b);
+    int64_t node[QB], tree[QB];
+    int64_t nb = 1; /* b^k */
+    for (int s = 0; s < k; s++) nb *= b;
+    const int64_t slots = nb * P;
+
+    for (int64_t i0 = start; i0 < end; i0 += QB) {
+        const int nq = end - i0 < QB ? (int)(end - i0) : QB;
+        for (int j = 0; j < nq; j++) {
+            node[j] = 0;
+            tree[j] = (i0 + j) / M;
+            if (path) path[(i0 + j) * (k + 1)] = 0;
+        }
+        int64_t width = 1;
+        for (int s = 0; s < k; s++) {
+            width *= b;
+            const uint8_t *ms = masks[s];
+            for (int j = 0; j < nq; j++) {
+                const float *K = keys[s] + (tree[j] * width + node[j] * b) * D;
+                for (int c = 0; c < b; c++) head_dots(q + (i0 + j) * D, K + (int64_t)c * D, H, dh, sc + (j * b + c) * H);
+            }
+            if (b == 2 && !ms) { /* two children, no padding: p_h(child 0) = sigmoid(s0 - s1) */
+                for (int j = 0; j < nq; j++)
+                    for (int h = 0; h < H; h++) pr[j * H + h] = sc[(j * 2) * H + h] - sc[(j * 2 + 1) * H + h];
+                const int nph = nq * H;
+                for (int t = 0; t < nph; t++) { /* one flat loop: vectorizes */
+                    const float d = pr[t];
+                    const float e = fexp(d > 0 ? -d : d);
+                    pr[t] = (d > 0 ? 1.0f : e) / (1.0f + e);
+                }
+            }
+            for (int j = 0; j < nq; j++) {
+                const int64_t first = tree[j] * width + node[j] * b; /* row of child 0 in the level table */
+                const uint8_t *mk = ms ? ms + first : NULL;
+                const float *scj = sc + j * b * H;
+                int a = 0;
+                if (b == 2 && !ms) {
+                    /* mean_h p_h(0) >= 1/2 <=> child 0 (ties go to the first child, as argmax) */
+                    float p0 = 0.0f;
+                    for (int h = 0; h < H; h++) p0 += pr[j * H + h];
+                    a = p0 >= 0.5f * H ? 0 : 1;
+                } else {
+                    for (int c = 0; c < b; c++) prob[c] = 0.0f;
+                    for (int h = 0; h < H; h++) {
+                        float mx = -INFINITY, z = 0.0f;
+                        for (int c = 0; c < b; c++)
+                            if (!mk || mk[c]) mx = FMAX(mx, scj[c * H + h]);
+                        for (int c = 0; c < b; c++) {
+                            ex[c * H + h] = (!mk || mk[c]) ? expf(scj[c * H + h] - mx) : 0.0f;
+                            z += ex[c * H + h];
+                        }
+                        for (int c = 0; c < b; c++) prob[c] += ex[c * H + h] / z;
+                    }
+                    float best = -INFINITY;
+                    for (int c = 0; c < b; c++) {
+                        if (mk && !mk[c]) continue;
+                        const float p = FMAX(prob[c] / H, FLT_MIN); /* the PyTorch policy's floor */
+                        if (p > best) { best = p; a = c; }
+                    }
+                }
+                int n = s * (b - 1);
+                for (int c = 0; c < b; c++) {
+                    if (c == a) continue;
+                    const float r = (!mk || mk[c]) ? 1.0f : 0.0f;
+                    for (int h = 0; h < H; h++) {
+                        logit[(j * H + h) * nS + n] = scj[c * H + h];
+                        realf[(j * H + h) * nS + n] = r;
+                    }
+                    vrow[j * nS + n] = values[s] + (first + c) * D;
+                    __builtin_prefetch(vrow[j * nS + n]);
+                    n++;
+                }
+                node[j] = node[j] * b + a;
+                if (path) path[(i0 + j) * (k + 1) + s + 1] = node[j];
+                /* this query's next children (or bucket slots), needed after the other QB - 1 queries */
+                const float *next = s + 1 < k ? keys[s + 1] + (tree[j] * width * b + node[j] * b) * D
+                                              : tok_k + (tree[j] * slots + node[j] * P) * D;
+                for (int t = 0; t < 2 * D; t += 16) __builtin_prefetch(next + t);
+            }
+        }
+        /* the bucket's tokens join S */
+        for (int j = 0; j < nq; j++) {
+            const int64_t tfirst = tree[j] * slots + node[j] * P;
+            for (int t = 0, n = (b - 1) * k; t < P; t++, n++) {
+                const float r = (!tok_mask || tok_mask[tfirst + t]) ? 1.0f : 0.0f;
+                head_dots(q + (i0 + j) * D, tok_k + (tfirst + t) * D, H, dh, ex);
+                for (int h = 0; h < H; h++) {
+                    logit[(j * H + h) * nS + n] = ex[h];
+                    realf[(j * H + h) * nS + n] = r;
+                }
+                vrow[j * nS + n] = tok_v + (tfirst + t) * D;
+            }
+        }
+        /* softmax over S per (query, head): subtract the max of the real entries, exponentiate the
+         * whole block at once (vectorized), zero the padded entries */
+        for (int jh = 0; jh < nq * H; jh++) {
+            float *lg = logit + jh * nS;
+            const float *rf = realf + jh * nS;
+            float mx = -INFINITY;
+            for (int e = 0; e < nS; e++)
+                if (rf[e] != 0.0f) mx = FMAX(mx, lg[e]);
+            for (int e = 0; e < nS; e++) lg[e] -= mx;
+        }
+        const int nw = nq * H * nS;
+        for (int e = 0; e < nw; e++) logit[e] = fexp(logit[e]) * realf[e];
+        for (int j = 0; j < nq; j++) {
+            float *o = out + (i0 + j) * D;
+            for (int h = 0; h < H; h++) {
+                const float *w = logit + (j * H + h) * nS;
+                float z = 0.0f;
+                for (int e = 0; e < nS; e++) z += w[e];
+                const float inv = 1.0f / z;
+                float *oh = o + h * dh;
+                if (dh == 16) { /* one vector register */
+                    v16 acc = {0};
+                    for (int e = 0; e < nS; e++) acc += w[e] * ld16(vrow[j * nS + e] + h * 16);
+                    *(v16u *)oh = acc * inv;
+                    continue;
+                }
+                float acc[DH_MAX];
+                for (int t = 0; t < dh; t++) acc[t] = 0.0f;
+                for (int e = 0; e < nS; e++) {
+                    const float *v = vrow[j * nS + e] + h * dh;
+                    const float we = w[e];
+                    for (int t = 0; t < dh; t++) acc[t] += we * v[t];
+                }
+                for (int t = 0; t < dh; t++) oh[t] = acc[t] * inv;
+            }
+        }
+    }
+    free(logit); free(realf); free(vrow); free(sc); free(pr); free(ex); free(prob);
+}
+
+/* Greedy descent and read-out (see greedy_readout above); dh = 16 (the paper's D = 64 with 4 heads)
+ * and dh = 8, 32 get specialised copies whose per-head loops unroll into registers. Returns -1 when
+ * dh > DH_MAX. */
+int tca_greedy_readout(int64_t M, int H, int dh, int b, int k, int P, const float *q, const float *const *keys,
+                       const float *const *values, const uint8_t *const *masks, const float *tok_k,
+                       const float *tok_v, const uint8_t *tok_mask, float *out, int64_t *path, int64_t start,
+                       int64_t end) {
+    if (dh > DH_MAX) return -1;
+#define CALL(DH) greedy_readout(M, H, DH, b, k, P, q, keys, values, masks, tok_k, tok_v, tok_mask, out, path, start, end)
+    if (dh == 16) CALL(16);
+    else if (dh == 8) CALL(8);
+    else if (dh == 32) CALL(32);
+    else CALL(dh);
+#undef CALL
+    return 0;
+}
+
+/* Self-attention inside groups of c children, groups [start, end) of qkv [G, c, 3, H, dh] (q pre-scaled
+ * or not: scale multiplies the scores). mask: [G, c] or NULL; a masked child is never attended to; a
+ * group with no real child attends uniformly (its node is masked anyway). out: [G, c, H, dh].
+ */
+void tca_group_attention(int c, int H, int dh, float scale, const float *qkv, const uint8_t *mask,
+                         float *out, int64_t start, int64_t end) {
+    const int D = H * dh;
+    float *w = malloc(sizeof(float) * (size_t)c);
+    for (int64_t g = start; g < end; g++) {
+        const float *base = qkv + g * (int64_t)c * 3 * D;
+        const uint8_t *m = mask ? mask + g * c : NULL;
+        int any = 0;
+        if (m) for (int j = 0; j < c; j++) any |= m[j];
+        for (int i = 0; i < c; i++) {
+            const float *qi = base + (int64_t)i * 3 * D;
+            float *oi = out + (g * c + i) * (int64_t)D;
+            for (int h = 0; h < H; h++) {
+                float mx = -INFINITY, z = 0.0f;
+                for (int j = 0; j < c; j++) {
+                    if (m && any && !m[j]) { w[j] = -INFINITY; continue; }
+                    w[j] = any || !m ? scale * dot(qi + h * dh, base + (int64_t)j * 3 * D + D + h * dh, dh) : 0.0f;
+                    mx = FMAX(mx, w[j]);
+                }
+                for (int j = 0; j < c; j++) { w[j] = w[j] == -INFINITY ? 0.0f : expf(w[j] - mx); z += w[j]; }
+                float *oh = oi + h * dh;
+                for (int t = 0; t < dh; t++) oh[t] = 0.0f;
+                for (int j = 0; j < c; j++) {
+                    if (w[j] == 0.0f) continue;
+                    const float *v = base + (int64_t)j * 3 * D + 2 * D + h * dh;
+                    const float a = w[j] / z;
+                    for (int t = 0; t < dh; t++) oh[t] += a * v[t];
+                }
+            }
+        }
+    }
+    free(w);
+}

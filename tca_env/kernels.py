@@ -1,0 +1,185 @@
+"""Optional fused CPU kernels for greedy TCA inference, compiled from ``csrc/kernels.c`` on first use.
+
+Why: greedy inference with plain tensor ops is bandwidth-bound. Each level of the search gathers
+the children's key rows of every query into a fresh tensor, scores them, and the read-out gathers
+the keys and values of S again, so the same rows cross memory several times, and the attention
+inside the aggregator's tiny child sets costs a dozen elementwise passes. The C kernels do the whole
+greedy descent and read-out of one query while its rows are in cache (one pass, no temporaries), and
+the children's self-attention of one group the same way.
+
+How: the source is compiled once per machine with the system C compiler (``cc``, or ``$CC``) into a
+cache directory (``$TCA_KERNEL_CACHE``, default ``~/.cache/tca_env``), written atomically, and loaded
+with ctypes; calls release the GIL, so ranges of rows run on ``torch.get_num_threads()`` Python threads.
+Nothing here is required: without a compiler, with ``TCA_KERNELS=0``, under autograd, for tensors that
+are not float32 CPU tensors, the callers use the PyTorch code path (which also defines the results:
+tests/test_kernels.py compares the two).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("csrc") / "kernels.c"
+FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math",
+         "-Werror=implicit-function-declaration", "-fPIC", "-shared"]
+
+DH_MAX = 256
+"""Largest head width the C read-out handles (``DH_MAX`` in kernels.c)."""
+
+_lib: ctypes.CDLL | None = None
+_tried = False
+_lock = threading.Lock()
+_pool: ThreadPoolExecutor | None = None
+_pool_size = 0
+_P = ctypes.c_void_p
+_I64 = ctypes.c_int64
+_INT = ctypes.c_int
+
+
+def _cpu_id() -> str:
+    """What ``-march=native`` depends on: the CPU's model and flags (a shared home directory may be
+    mounted on machines with different CPUs)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        keep = [ln for ln in text.splitlines() if ln.startswith(("model name", "flags"))][:2]
+        return "\n".join(keep)
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("TCA_KERNEL_CACHE", Path.home() / ".cache" / "tca_env"))
+
+
+def _build() -> ctypes.CDLL:
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if compiler is None:
+        raise RuntimeError("no C compiler found (set CC or install gcc)")
+    src = SOURCE.read_bytes()
+    key = hashlib.sha256(src + " ".join([compiler, *FLAGS]).encode() + _cpu_id().encode()).hexdigest()[:16]
+    target = _cache_dir() / f"tca_kernels-{key}.so"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        os.close(fd)
+        try:
+            res = subprocess.run([compiler, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True)
+            if res.returncode != 0:
+                raise RuntimeError(f"compiling {SOURCE.name} failed:\n{res.stderr[-2000:]}")
+            os.replace(tmp, target)  # atomic: a concurrent or interrupted build never leaves a partial file
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    lib = ctypes.CDLL(str(target))
+    lib.tca_greedy_readout.restype = _INT
+    lib.tca_greedy_readout.argtypes = [_I64, _INT, _INT, _INT, _INT, _INT, _P, _P, _P, _P, _P, _P, _P, _P, _P,
+                                       _I64, _I64]
+    lib.tca_group_attention.restype = None
+    lib.tca_group_attention.argtypes = [_INT, _INT, _INT, ctypes.c_float, _P, _P, _P, _I64, _I64]
+    return lib
+
+
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels, or None when they are disabled or cannot be built (warned once)."""
+    global _lib, _tried
+    if os.environ.get("TCA_KERNELS", "1") == "0":
+        return None
+    if _tried:
+        return _lib
+    with _lock:
+        if not _tried:
+            try:
+                _lib = _build()
+            except (OSError, RuntimeError) as err:
+                warnings.warn(f"tca_env: fused CPU kernels unavailable, using the PyTorch path ({err})",
+                              RuntimeWarning, stacklevel=2)
+                _lib = None
+            _tried = True
+    return _lib
+
+
+def usable(*tensors: torch.Tensor) -> bool:
+    """True when the kernels may handle these tensors: built, no autograd, float32 CPU tensors."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
+        return False
+    return library() is not None
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _run(fn, n: int, *args) -> None:
+    """Call ``fn(*args, start, end)`` over [0, n) split across torch.get_num_threads() threads."""
+    global _pool, _pool_size
+    threads = max(1, min(torch.get_num_threads(), n // 256 or 1))
+    if threads == 1:
+        fn(*args, 0, n)
+        return
+    if _pool is None or _pool_size != threads:
+        _pool, _pool_size = ThreadPoolExecutor(threads), threads
+    bounds = [n * t // threads for t in range(threads + 1)]
+    list(_pool.map(lambda t: fn(*args, bounds[t], bounds[t + 1]), range(threads)))
+
+
+def _u8(mask: torch.Tensor | None) -> torch.Tensor | None:
+    return None if mask is None else mask.contiguous().view(torch.uint8)
+
+
+def greedy_readout(kv, q: torch.Tensor, with_path: bool = False,
+                   out: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Greedy search + read-out of every query: attention ``[B, M, H, dh]`` and (optionally) ``path``.
+
+    ``kv`` is a :class:`tca_env.search.TreeKV`, ``q [B, M, H, dh]`` pre-scaled queries. Same results as
+    ``search.descend(kv, q, "greedy")`` followed by ``search.readout`` (up to float rounding).
+    Returns ``(None, None)`` for head widths the kernel does not handle (over 256). ``out``: an optional
+    contiguous ``[B, M, H, dh]`` float32 tensor to write the read-out into.
+    """
+    lib = library()
+    shape = kv.shape
+    B, M, H, dh = q.shape
+    q = q.contiguous()
+    keys = [t.contiguous() for t in kv.keys]
+    values = [t.contiguous() for t in kv.values]
+    masks = [_u8(m) for m in kv.masks]
+    tk, tv, tm = kv.tok_keys.contiguous(), kv.tok_values.contiguous(), _u8(kv.tok_mask)
+    k = shape.k
+    arr = _P * max(k, 1)
+    kp = arr(*[_ptr(t) for t in keys])
+    vp = arr(*[_ptr(t) for t in values])
+    mp = arr(*[_ptr(t) for t in masks])
+    if out is None:
+        out = torch.empty_like(q)
+    elif out.shape != q.shape or out.dtype != q.dtype or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {q.dtype} tensor of shape {tuple(q.shape)}")
+    path = torch.empty(B, M, k + 1, dtype=torch.long) if with_path else None
+    if dh > DH_MAX:
+        return None, None
+    _run(lib.tca_greedy_readout, B * M, M, H, dh, shape.b, k, shape.P, _ptr(q), kp, vp, mp, _ptr(tk), _ptr(tv),
+         _ptr(tm), _ptr(out), _ptr(path))
+    return out, path
+
+
+def group_attention(qkv: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """Self-attention inside each group: ``qkv [G, c, 3, H, dh]``, ``mask [G, c]`` -> ``[G, c, H, dh]``."""
+    lib = library()
+    G, c, _, H, dh = qkv.shape
+    qkv = qkv.contiguous()
+    m = _u8(mask)
+    out = qkv.new_empty(G, c, H, dh)
+    _run(lib.tca_group_attention, G, c, H, dh, scale, _ptr(qkv), _ptr(m), _ptr(out))
+    return out
