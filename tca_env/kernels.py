@@ -86,6 +86,10 @@ def _build() -> ctypes.CDLL:
     lib.tca_greedy_readout.restype = _INT
     lib.tca_greedy_readout.argtypes = [_I64, _INT, _INT, _INT, _INT, _INT, _P, _P, _P, _P, _P, _P, _P, _P, _P,
                                        _I64, _I64]
+    lib.tca_search_readout_fwd.restype = None
+    lib.tca_search_readout_fwd.argtypes = [_I64, _INT, _INT, _INT, _INT, _INT] + [_P] * 13 + [_I64, _I64]
+    lib.tca_search_readout_bwd.restype = None
+    lib.tca_search_readout_bwd.argtypes = [_I64, _INT, _INT, _INT, _INT, _INT] + [_P] * 16 + [_I64, _I64]
     lib.tca_group_attention.restype = None
     lib.tca_group_attention.argtypes = [_INT, _INT, _INT, ctypes.c_float, _P, _P, _P, _I64, _I64]
     return lib
@@ -136,6 +140,20 @@ def _run(fn, n: int, *args) -> None:
     list(_pool.map(lambda t: fn(*args, bounds[t], bounds[t + 1]), range(threads)))
 
 
+def _run_trees(fn, B: int, M: int, *args) -> None:
+    """Like :func:`_run` over [0, B*M) but splitting only between trees (the backward scatters into
+    a tree's rows, so two threads must never share a tree)."""
+    global _pool, _pool_size
+    threads = max(1, min(torch.get_num_threads(), B))
+    if threads == 1 or B * M < 256:
+        fn(*args, 0, B * M)
+        return
+    if _pool is None or _pool_size != threads:
+        _pool, _pool_size = ThreadPoolExecutor(threads), threads
+    bounds = [(B * t // threads) * M for t in range(threads + 1)]
+    list(_pool.map(lambda t: fn(*args, bounds[t], bounds[t + 1]), range(threads)))
+
+
 def _u8(mask: torch.Tensor | None) -> torch.Tensor | None:
     return None if mask is None else mask.contiguous().view(torch.uint8)
 
@@ -183,3 +201,74 @@ def group_attention(qkv: torch.Tensor, mask: torch.Tensor | None, scale: float) 
     out = qkv.new_empty(G, c, H, dh)
     _run(lib.tca_group_attention, G, c, H, dh, scale, _ptr(qkv), _ptr(m), _ptr(out))
     return out
+
+
+def _tables(kv, tensors=None):
+    """ctypes pointer arrays for the per-level keys, values and masks of ``kv`` (or of ``tensors``)."""
+    k = kv.shape.k
+    keys, values = (kv.keys, kv.values) if tensors is None else tensors
+    arr = _P * max(k, 1)
+    masks = [_u8(m) for m in kv.masks]
+    return (arr(*[_ptr(t) for t in keys]), arr(*[_ptr(t) for t in values]), arr(*[_ptr(t) for t in masks]),
+            masks)
+
+
+class SearchReadout(torch.autograd.Function):
+    """Sampled / replayed / greedy descent + read-out with log-probability and entropy, and its backward,
+    in C. Inputs after the non-tensor ones: ``q``, ``tok_keys``, ``tok_values``, then the k level keys and
+    the k level values (all contiguous float32 CPU). Outputs: read-out ``[B, M, H, dh]``, path
+    ``[B, M, k+1]``, log_prob ``[B, M]``, entropy ``[B, M]``."""
+
+    @staticmethod
+    def forward(ctx, kv, gumbel, actions, q, tok_k, tok_v, *levels):  # noqa: D102
+        lib = library()
+        shape = kv.shape
+        B, M, H, dh = q.shape
+        k = shape.k
+        keys, values = list(levels[:k]), list(levels[k:])
+        kp, vp, mp, masks = _tables(kv, (keys, values))
+        tm = _u8(kv.tok_mask)
+        out = torch.empty_like(q)
+        path = torch.empty(B, M, k + 1, dtype=torch.long)
+        logp = q.new_empty(B, M)
+        ent = q.new_empty(B, M)
+        _run(lib.tca_search_readout_fwd, B * M, M, H, dh, shape.b, k, shape.P, _ptr(q), kp, vp, mp, _ptr(tok_k),
+             _ptr(tok_v), _ptr(tm), _ptr(gumbel), _ptr(actions), _ptr(out), _ptr(path), _ptr(logp), _ptr(ent))
+        ctx.kv = kv
+        ctx.save_for_backward(q, tok_k, tok_v, path, *levels)
+        ctx.mark_non_differentiable(path)
+        return out, path, logp, ent
+
+    @staticmethod
+    def backward(ctx, g_out, g_path, g_logp, g_ent):  # noqa: D102
+        lib = library()
+        kv = ctx.kv
+        q, tok_k, tok_v, path, *levels = ctx.saved_tensors
+        shape = kv.shape
+        B, M, H, dh = q.shape
+        k = shape.k
+        keys, values = levels[:k], levels[k:]
+        kp, vp, mp, masks = _tables(kv, (keys, values))
+        tm = _u8(kv.tok_mask)
+        g_out = torch.zeros_like(q) if g_out is None else g_out.contiguous()
+        g_logp = None if g_logp is None else g_logp.contiguous()
+        g_ent = None if g_ent is None else g_ent.contiguous()
+        dq, dtk, dtv = torch.zeros_like(q), torch.zeros_like(tok_k), torch.zeros_like(tok_v)
+        dlev = [torch.zeros_like(t) for t in levels]
+        arr = _P * max(k, 1)
+        dkp = arr(*[_ptr(t) for t in dlev[:k]])
+        dvp = arr(*[_ptr(t) for t in dlev[k:]])
+        _run_trees(lib.tca_search_readout_bwd, B, M, M, H, dh, shape.b, k, shape.P, _ptr(q), kp, vp, mp,
+                   _ptr(tok_k), _ptr(tok_v), _ptr(tm), _ptr(path), _ptr(g_out), _ptr(g_logp), _ptr(g_ent), _ptr(dq),
+                   dkp, dvp, _ptr(dtk), _ptr(dtv))
+        return (None, None, None, dq, dtk, dtv, *dlev)
+
+
+def search_readout(kv, q: torch.Tensor, gumbel: torch.Tensor | None, actions: torch.Tensor | None):
+    """Fused training search + read-out (see :class:`SearchReadout`); differentiable w.r.t. ``q`` and every
+    key / value table of ``kv``. ``gumbel [B, M, k, b]`` samples, ``actions [B, M, k]`` replays, neither:
+    greedy. Returns ``(attn, path, log_prob, entropy)``."""
+    c = [t.contiguous() for t in (q, kv.tok_keys, kv.tok_values, *kv.keys, *kv.values)]
+    gumbel = None if gumbel is None else gumbel.contiguous()
+    actions = None if actions is None else actions.contiguous().long()
+    return SearchReadout.apply(kv, gumbel, actions, *c)

@@ -383,8 +383,8 @@ class ReTreever(nn.Module):
             return self._plain_output(out, batch)
         if c.decoder == "perceiver":
             return self._plain_output(self.predict_perceiver(ctx), batch)
-        descent = S.descend(ctx.kv, ctx.q, search, actions, generator)
-        out = self.predict_path(ctx, descent.path, descent)
+        attn, descent = S.search_readout(ctx.kv, ctx.q, search, actions, generator)
+        out = self.head(self.readout.finish(ctx.query_emb, attn))
         out_ca = self.predict_full(ctx) if with_ca else None
         loss, terms = self.tca_loss(out, batch.yt, descent.log_prob, descent.entropy, out_ca)
         terms["tokens"] = torch.tensor(float(ctx.kv.shape.retrieved_size))

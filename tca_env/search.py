@@ -350,6 +350,36 @@ def greedy_readout(kv: TreeKV, q: torch.Tensor, with_path: bool = False) -> tupl
     return readout(kv, q, d.path, d), d.path if with_path else None
 
 
+def search_readout(kv: TreeKV, q: torch.Tensor, mode: str = "sample", actions: torch.Tensor | None = None,
+                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, Descent]:
+    """:func:`descend` then :func:`readout`, differentiable (the fused trainer's forward).
+
+    For float32 CPU tensors this runs the C kernels of :mod:`tca_env.kernels` (forward and backward),
+    drawing the Gumbel noise of sampling with ``generator`` exactly as :func:`choose` does level by
+    level, so both paths take the same samples from the same seed. Returns the read-out
+    ``[B, M, H, dh]`` and the :class:`Descent` (its ``sib_logits`` left empty on the fused path).
+    """
+    from . import kernels
+
+    if mode not in SEARCH_MODES:
+        raise ValueError(f"unknown search mode {mode!r}; choose one of {SEARCH_MODES}")
+    tensors = (q, kv.tok_keys, kv.tok_values, *kv.keys, *kv.values)
+    if q.shape[-1] <= kernels.DH_MAX and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors) \
+            and kernels.library() is not None:
+        B, M = q.shape[:2]
+        b, k = kv.shape.b, kv.shape.k
+        gumbel = None
+        if mode == "sample" and actions is None and k > 0:
+            dev = generator.device if generator is not None else q.device
+            u = torch.stack([torch.rand((B, M, b), generator=generator, device=dev, dtype=q.dtype)
+                             for _ in range(k)], dim=2).to(q.device)
+            gumbel = -torch.log(-torch.log(u.clamp(torch.finfo(u.dtype).tiny, 1.0)))
+        attn, path, log_prob, ent = kernels.search_readout(kv, q, gumbel, actions)
+        return attn, Descent(path, log_prob, ent, [], b)
+    d = descend(kv, q, mode, actions, generator)
+    return readout(kv, q, d.path, d), d
+
+
 def _softmax(x: torch.Tensor) -> torch.Tensor:
     """Softmax over dim 2, in place when no graph is recorded (inference memory)."""
     if torch.is_grad_enabled():

@@ -281,3 +281,264 @@ void tca_group_attention(int c, int H, int dh, float scale, const float *qkv, co
     }
     free(w);
 }
+
+/* ------------------------------------------------------------------------------------------------
+ * Training: sampled (or replayed, or greedy) descent + read-out with the path statistics, and its
+ * backward pass. One query at a time (training batches are small); scores, policy and read-out are
+ * those of greedy_readout, and additionally
+ *   log pi_c = log max(mean_h softmax_c(s_ch), FLT_MIN) for real children (-inf for padded ones),
+ *   log_prob = sum over steps of log pi_{chosen}, entropy = sum over steps of -sum_c p_c log p_c
+ *   (p_c = exp(log pi_c)), exactly the quantities of tca_env/search.py.
+ * Choice: actions[i, s] when given, else argmax_c (log pi_c + gumbel[i, s, c]) when gumbel is given,
+ * else the greedy first argmax of log pi_c.
+ * ------------------------------------------------------------------------------------------------ */
+
+/* Scores, per-head softmax and policy at one node: sc [b][H] scores, p [b][H] per-head softmax,
+ * lp [b] log pi (-INFINITY for padded children). */
+static void node_policy(const float *qi, const float *K, const uint8_t *mk, int b, int H, int dh, float *sc,
+                        float *p, float *lp) {
+    const int D = H * dh;
+    for (int c = 0; c < b; c++) head_dots(qi, K + (int64_t)c * D, H, dh, sc + c * H);
+    for (int c = 0; c < b; c++) lp[c] = 0.0f;
+    for (int h = 0; h < H; h++) {
+        float mx = -INFINITY, z = 0.0f;
+        for (int c = 0; c < b; c++)
+            if (!mk || mk[c]) mx = FMAX(mx, sc[c * H + h]);
+        for (int c = 0; c < b; c++) {
+            p[c * H + h] = (!mk || mk[c]) ? expf(sc[c * H + h] - mx) : 0.0f;
+            z += p[c * H + h];
+        }
+        for (int c = 0; c < b; c++) {
+            p[c * H + h] /= z;
+            lp[c] += p[c * H + h];
+        }
+    }
+    for (int c = 0; c < b; c++) lp[c] = (!mk || mk[c]) ? logf(FMAX(lp[c] / H, FLT_MIN)) : -INFINITY;
+}
+
+/* Softmax over the nS entries of S for each head: lg [nS][H] logits -> w [nS][H] weights. */
+static void s_softmax(const float *lg, const uint8_t *real, int nS, int H, float *w) {
+    for (int h = 0; h < H; h++) {
+        float mx = -INFINITY, z = 0.0f;
+        for (int e = 0; e < nS; e++)
+            if (real[e]) mx = FMAX(mx, lg[e * H + h]);
+        for (int e = 0; e < nS; e++) {
+            w[e * H + h] = real[e] ? expf(lg[e * H + h] - mx) : 0.0f;
+            z += w[e * H + h];
+        }
+        for (int e = 0; e < nS; e++) w[e * H + h] /= z;
+    }
+}
+
+typedef struct {
+    float *sc, *p, *lp;    /* [k][b][H], [k][b][H], [k][b] */
+    float *lg, *w;         /* [nS][H] */
+    uint8_t *real;         /* [nS] */
+    int64_t *krow, *vrow;  /* [nS] row index in the entry's table */
+    int *level;            /* [nS] step s for siblings, -1 for tokens */
+    int *child;            /* [nS] child position for siblings */
+} Work;
+
+static Work work_alloc(int b, int k, int H, int nS) {
+    Work w;
+    const int kk = k > 0 ? k : 1;
+    w.sc = malloc(sizeof(float) * (size_t)kk * b * H);
+    w.p = malloc(sizeof(float) * (size_t)kk * b * H);
+    w.lp = malloc(sizeof(float) * (size_t)kk * b);
+    w.lg = malloc(sizeof(float) * (size_t)nS * H);
+    w.w = malloc(sizeof(float) * (size_t)nS * H);
+    w.real = malloc((size_t)nS);
+    w.krow = malloc(sizeof(int64_t) * (size_t)nS);
+    w.vrow = malloc(sizeof(int64_t) * (size_t)nS);
+    w.level = malloc(sizeof(int) * (size_t)nS);
+    w.child = malloc(sizeof(int) * (size_t)nS);
+    return w;
+}
+
+static void work_free(Work *w) {
+    free(w->sc); free(w->p); free(w->lp); free(w->lg); free(w->w); free(w->real); free(w->krow); free(w->vrow);
+    free(w->level); free(w->child);
+}
+
+/* Walk query i down the tree (choosing, or following path when follow != 0), filling the work
+ * arrays with the policy at every step and S; returns log_prob and entropy through lp_sum / ent_sum. */
+static void walk(int64_t i, int64_t M, int H, int dh, int b, int k, int P, const float *q,
+                 const float *const *keys, const uint8_t *const *masks, const float *tok_k,
+                 const uint8_t *tok_mask, const float *gumbel, const int64_t *actions, int64_t *path, int follow,
+                 Work *W, float *lp_sum, float *ent_sum) {
+    const int D = H * dh;
+    const float *qi = q + i * D;
+    const int64_t tree = i / M;
+    int64_t node = 0, width = 1, slots = P;
+    for (int s = 0; s < k; s++) slots *= b;
+    float lps = 0.0f, ents = 0.0f;
+    int n = 0;
+    if (!follow) path[i * (k + 1)] = 0;
+    for (int s = 0; s < k; s++) {
+        width *= b;
+        const int64_t first = tree * width + node * b;
+        const uint8_t *mk = masks[s] ? masks[s] + first : NULL;
+        float *sc = W->sc + s * b * H, *p = W->p + s * b * H, *lp = W->lp + s * b;
+        node_policy(qi, keys[s] + first * D, mk, b, H, dh, sc, p, lp);
+        int a = 0;
+        if (follow) {
+            a = (int)(path[i * (k + 1) + s + 1] - b * path[i * (k + 1) + s]);
+        } else if (actions) {
+            a = (int)actions[i * k + s];
+        } else {
+            float best = -INFINITY;
+            for (int c = 0; c < b; c++) {
+                if (mk && !mk[c]) continue;
+                const float v = gumbel ? lp[c] + gumbel[(i * k + s) * b + c] : lp[c];
+                if (v > best) { best = v; a = c; }
+            }
+        }
+        lps += lp[a];
+        for (int c = 0; c < b; c++)
+            if (lp[c] > -INFINITY) {
+                const float pc = expf(lp[c]);
+                ents -= pc * lp[c];
+            }
+        for (int c = 0; c < b; c++) {
+            if (c == a) continue;
+            W->real[n] = !mk || mk[c];
+            for (int h = 0; h < H; h++) W->lg[n * H + h] = sc[c * H + h];
+            W->krow[n] = W->vrow[n] = first + c;
+            W->level[n] = s;
+            W->child[n] = c;
+            n++;
+        }
+        node = node * b + a;
+        if (!follow) path[i * (k + 1) + s + 1] = node;
+    }
+    const int64_t tfirst = tree * slots + node * P;
+    for (int t = 0; t < P; t++, n++) {
+        W->real[n] = !tok_mask || tok_mask[tfirst + t];
+        head_dots(qi, tok_k + (tfirst + t) * D, H, dh, W->lg + n * H);
+        W->krow[n] = W->vrow[n] = tfirst + t;
+        W->level[n] = -1;
+        W->child[n] = t;
+    }
+    *lp_sum = lps;
+    *ent_sum = ents;
+}
+
+void tca_search_readout_fwd(int64_t M, int H, int dh, int b, int k, int P, const float *q, const float *const *keys,
+                            const float *const *values, const uint8_t *const *masks, const float *tok_k,
+                            const float *tok_v, const uint8_t *tok_mask, const float *gumbel, const int64_t *actions,
+                            float *out, int64_t *path, float *logp, float *ent, int64_t start, int64_t end) {
+    const int D = H * dh, nS = (b - 1) * k + P;
+    Work W = work_alloc(b, k, H, nS);
+    for (int64_t i = start; i < end; i++) {
+        walk(i, M, H, dh, b, k, P, q, keys, masks, tok_k, tok_mask, gumbel, actions, path, 0, &W, logp + i, ent + i);
+        s_softmax(W.lg, W.real, nS, H, W.w);
+        float *o = out + i * D;
+        for (int t = 0; t < D; t++) o[t] = 0.0f;
+        for (int e = 0; e < nS; e++) {
+            if (!W.real[e]) continue;
+            const float *v = (W.level[e] < 0 ? tok_v : values[W.level[e]]) + W.vrow[e] * D;
+            for (int h = 0; h < H; h++) {
+                const float a = W.w[e * H + h];
+                for (int t = 0; t < dh; t++) o[h * dh + t] += a * v[h * dh + t];
+            }
+        }
+    }
+    work_free(&W);
+}
+
+/* Backward of tca_search_readout_fwd along the given path. g_out [B*M, H, dh], g_logp / g_ent [B*M]
+ * (either may be NULL: zero). Gradients are accumulated (+=) into dq and the key / value tables'
+ * gradients (same layouts as the tables); ranges [start, end) must not split a tree across threads. */
+void tca_search_readout_bwd(int64_t M, int H, int dh, int b, int k, int P, const float *q, const float *const *keys,
+                            const float *const *values, const uint8_t *const *masks, const float *tok_k,
+                            const float *tok_v, const uint8_t *tok_mask, const int64_t *path, const float *g_out,
+                            const float *g_logp, const float *g_ent, float *dq, float *const *dkeys,
+                            float *const *dvalues, float *dtok_k, float *dtok_v, int64_t start, int64_t end) {
+    const int D = H * dh, nS = (b - 1) * k + P;
+    Work W = work_alloc(b, k, H, nS);
+    float *ds = malloc(sizeof(float) * (size_t)(k > 0 ? k : 1) * b * H); /* d score [k][b][H] */
+    float *dl = malloc(sizeof(float) * (size_t)nS * H);
+    float *dpi = malloc(sizeof(float) * (size_t)b);
+    float lps, ents;
+    for (int64_t i = start; i < end; i++) {
+        walk(i, M, H, dh, b, k, P, q, keys, masks, tok_k, tok_mask, NULL, NULL, (int64_t *)path, 1, &W, &lps, &ents);
+        const float *qi = q + i * D, *go = g_out + i * D;
+        float *dqi = dq + i * D;
+        /* read-out: out_h = sum_e w_eh v_eh */
+        s_softmax(W.lg, W.real, nS, H, W.w);
+        for (int h = 0; h < H; h++) {
+            float dot_go = 0.0f; /* sum_e w_eh <g_h, v_eh> */
+            for (int e = 0; e < nS; e++) {
+                if (!W.real[e]) { dl[e * H + h] = 0.0f; continue; }
+                const float *v = (W.level[e] < 0 ? tok_v : values[W.level[e]]) + W.vrow[e] * D + h * dh;
+                const float da = dot(go + h * dh, v, dh);
+                dl[e * H + h] = da;
+                dot_go += W.w[e * H + h] * da;
+            }
+            for (int e = 0; e < nS; e++) dl[e * H + h] = W.w[e * H + h] * (dl[e * H + h] - dot_go);
+        }
+        for (int e = 0; e < nS; e++) {
+            if (!W.real[e]) continue;
+            float *dv = (W.level[e] < 0 ? dtok_v : dvalues[W.level[e]]) + W.vrow[e] * D;
+            for (int h = 0; h < H; h++) {
+                const float a = W.w[e * H + h];
+                for (int t = 0; t < dh; t++) dv[h * dh + t] += a * go[h * dh + t];
+            }
+            if (W.level[e] < 0) { /* token key: its score's gradient goes to the key and the query here */
+                const float *kr = tok_k + W.krow[e] * D;
+                float *dk = dtok_k + W.krow[e] * D;
+                for (int h = 0; h < H; h++) {
+                    const float g = dl[e * H + h];
+                    for (int t = 0; t < dh; t++) {
+                        dk[h * dh + t] += g * qi[h * dh + t];
+                        dqi[h * dh + t] += g * kr[h * dh + t];
+                    }
+                }
+            }
+        }
+        /* policy: d log pi and d entropy -> d pi -> per-head softmax -> d scores, plus the read-out's
+         * gradient on the siblings' scores */
+        const float gl = g_logp ? g_logp[i] : 0.0f, ge = g_ent ? g_ent[i] : 0.0f;
+        for (int s = 0; s < k; s++) {
+            const int a = (int)(path[i * (k + 1) + s + 1] - b * path[i * (k + 1) + s]);
+            const float *p = W.p + s * b * H, *lp = W.lp + s * b;
+            float *dss = ds + s * b * H;
+            for (int c = 0; c < b; c++) {
+                dpi[c] = 0.0f;
+                if (lp[c] == -INFINITY) continue;
+                const float pc = expf(lp[c]);
+                const float dlp = (c == a ? gl : 0.0f) - ge * pc * (lp[c] + 1.0f); /* d/d log pi_c */
+                float mean = 0.0f;
+                for (int h = 0; h < H; h++) mean += p[c * H + h];
+                mean /= H;
+                dpi[c] = mean >= FLT_MIN ? dlp / mean : 0.0f;
+            }
+            for (int h = 0; h < H; h++) {
+                float acc = 0.0f;
+                for (int c = 0; c < b; c++) acc += p[c * H + h] * dpi[c] / H;
+                for (int c = 0; c < b; c++) dss[c * H + h] = p[c * H + h] * (dpi[c] / H - acc);
+            }
+        }
+        for (int e = 0; e < nS; e++) /* siblings' read-out gradient joins their scores */
+            if (W.level[e] >= 0)
+                for (int h = 0; h < H; h++) ds[(W.level[e] * b + W.child[e]) * H + h] += dl[e * H + h];
+        for (int64_t s = 0, width = 1; s < k; s++) {
+            width *= b;
+            const int64_t first = (i / M) * width + path[i * (k + 1) + s] * b;
+            for (int c = 0; c < b; c++) {
+                const float *kr = keys[s] + (first + c) * D;
+                float *dk = dkeys[s] + (first + c) * D;
+                for (int h = 0; h < H; h++) {
+                    const float g = ds[(s * b + c) * H + h];
+                    if (g == 0.0f) continue;
+                    for (int t = 0; t < dh; t++) {
+                        dk[h * dh + t] += g * qi[h * dh + t];
+                        dqi[h * dh + t] += g * kr[h * dh + t];
+                    }
+                }
+            }
+        }
+    }
+    free(ds); free(dl); free(dpi);
+    work_free(&W);
+}
