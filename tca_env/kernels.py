@@ -92,6 +92,8 @@ def _build() -> ctypes.CDLL:
     lib.tca_search_readout_bwd.argtypes = [_I64, _INT, _INT, _INT, _INT, _INT] + [_P] * 16 + [_I64, _I64]
     lib.tca_group_attention.restype = None
     lib.tca_group_attention.argtypes = [_INT, _INT, _INT, ctypes.c_float, _P, _P, _P, _I64, _I64]
+    lib.tca_group_attention_bwd.restype = None
+    lib.tca_group_attention_bwd.argtypes = [_INT, _INT, _INT, ctypes.c_float, _P, _P, _P, _P, _I64, _I64]
     return lib
 
 
@@ -272,3 +274,24 @@ def search_readout(kv, q: torch.Tensor, gumbel: torch.Tensor | None, actions: to
     gumbel = None if gumbel is None else gumbel.contiguous()
     actions = None if actions is None else actions.contiguous().long()
     return SearchReadout.apply(kv, gumbel, actions, *c)
+
+
+class GroupAttention(torch.autograd.Function):
+    """Differentiable :func:`group_attention` (C forward and backward): ``qkv [G, c, 3, H, dh]`` contiguous
+    float32, ``mask [G, c]`` or None (not differentiable) -> ``[G, c, H, dh]``."""
+
+    @staticmethod
+    def forward(ctx, qkv, mask, scale):  # noqa: D102
+        ctx.save_for_backward(qkv)
+        ctx.mask, ctx.scale = mask, scale
+        return group_attention(qkv, mask, scale)
+
+    @staticmethod
+    def backward(ctx, g_out):  # noqa: D102
+        (qkv,) = ctx.saved_tensors
+        G, c, _, H, dh = qkv.shape
+        m = _u8(ctx.mask)
+        g_out = g_out.contiguous()
+        d = torch.empty_like(qkv)
+        _run(library().tca_group_attention_bwd, G, c, H, dh, ctx.scale, _ptr(qkv), _ptr(m), _ptr(g_out), _ptr(d))
+        return d, None, None

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .ops import softmax_small
@@ -171,6 +172,10 @@ class Aggregator(nn.Module):
         if not (torch.is_grad_enabled() and (x.requires_grad or self.qkv.weight.requires_grad)) \
                 and (not self.training or self.drop.p == 0):
             return self._forward_inference(x, mask)
+        from . import kernels
+
+        if self.drop.p == 0 and kernels.usable(x.detach()):
+            return self._forward_fused(x, mask)
         if mask is None:
             mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
         c = x.shape[1]
@@ -192,6 +197,24 @@ class Aggregator(nn.Module):
         del f
         w = mask.to(x.dtype).unsqueeze(-1)  # [G, c, 1]
         node = (h.mul_(w) if inplace else h * w).sum(1) / w.sum(1).clamp_min(1.0)  # [G, D]
+        return node, mask.any(1)
+
+    def _forward_fused(self, x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The autograd path with the children's self-attention in C (forward and backward) and the
+        masked mean taken before the feed-forward's second linear map (exact: see _forward_inference)."""
+        from . import kernels
+
+        G, c, D = x.shape
+        qkv = self.qkv(self.norm1(x)).view(G, c, 3, self.nhead, self.dh)
+        att = kernels.GroupAttention.apply(qkv, mask, self.dh**-0.5)
+        h = self.out(att.view(G, c, D)) + x  # [G, c, D]
+        r = self.ff[1](self.ff[0](self.norm2(h)))  # [G, c, F]
+        W2, b2 = self.ff[3].weight, self.ff[3].bias
+        if mask is None:
+            return h.mean(1) + F.linear(r.mean(1), W2, b2), None
+        w = mask.to(x.dtype)
+        w = (w / w.sum(1, keepdim=True).clamp_min(1.0)).unsqueeze(-1)  # [G, c, 1] masked mean weights
+        node = (h * w).sum(1) + (r * w).sum(1) @ W2.t() + w.sum(1) * b2  # a fully padded group gives 0
         return node, mask.any(1)
 
     #: groups per chunk of the inference path: its temporaries (about 10 D-wide rows per child) stay in

@@ -14,11 +14,6 @@
 
 #define FMAX(a, b) ((a) > (b) ? (a) : (b)) /* inlined (fmaxf may be a call); inputs are NaN-free */
 
-static inline __attribute__((always_inline)) float dot(const float *a, const float *b, int n) {
-    float s = 0.0f;
-    for (int t = 0; t < n; t++) s += a[t] * b[t];
-    return s;
-}
 
 /* exp(x) for x <= 0 (softmax terms after subtracting the max): Cody-Waite reduction and the Cephes
  * degree-6 polynomial, within ~2 ulp of expf. Branch-free and call-free so loops over arrays of
@@ -55,6 +50,31 @@ static inline void hsum4(v16 a, v16 b, v16 c, v16 d, float *o) {
     z += __builtin_shufflevector(z, z, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
     z += __builtin_shufflevector(z, z, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
     o[0] = z[0]; o[1] = z[4]; o[2] = z[8]; o[3] = z[12];
+}
+
+static inline float hsum16(v16 x) {
+    x += __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+    x += __builtin_shufflevector(x, x, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
+    x += __builtin_shufflevector(x, x, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+    x += __builtin_shufflevector(x, x, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+    return x[0];
+}
+
+/* <a, b> over n floats (one vector when n = 16; the callers pass a compile-time 16 where they can). */
+static inline __attribute__((always_inline)) float dot(const float *a, const float *b, int n) {
+    if (n == 16) return hsum16(ld16(a) * ld16(b));
+    float s = 0.0f;
+    for (int t = 0; t < n; t++) s += a[t] * b[t];
+    return s;
+}
+
+/* y += a * x over n floats. */
+static inline __attribute__((always_inline)) void axpy(float a, const float *x, float *y, int n) {
+    if (n == 16) {
+        *(v16u *)y = ld16(y) + a * ld16(x);
+        return;
+    }
+    for (int t = 0; t < n; t++) y[t] += a * x[t];
 }
 
 /* Per-head dot products of a query row and a key row, both [H, dh]: o[h] = <q_h, k_h>. */
@@ -248,8 +268,9 @@ int tca_greedy_readout(int64_t M, int H, int dh, int b, int k, int P, const floa
  * or not: scale multiplies the scores). mask: [G, c] or NULL; a masked child is never attended to; a
  * group with no real child attends uniformly (its node is masked anyway). out: [G, c, H, dh].
  */
-void tca_group_attention(int c, int H, int dh, float scale, const float *qkv, const uint8_t *mask,
-                         float *out, int64_t start, int64_t end) {
+static inline __attribute__((always_inline)) void
+group_attention(int c, int H, int dh, float scale, const float *qkv, const uint8_t *mask, float *out, int64_t start,
+                int64_t end) {
     const int D = H * dh;
     float *w = malloc(sizeof(float) * (size_t)c);
     for (int64_t g = start; g < end; g++) {
@@ -274,7 +295,7 @@ void tca_group_attention(int c, int H, int dh, float scale, const float *qkv, co
                     if (w[j] == 0.0f) continue;
                     const float *v = base + (int64_t)j * 3 * D + 2 * D + h * dh;
                     const float a = w[j] / z;
-                    for (int t = 0; t < dh; t++) oh[t] += a * v[t];
+                    axpy(a, v, oh, dh);
                 }
             }
         }
@@ -295,7 +316,7 @@ void tca_group_attention(int c, int H, int dh, float scale, const float *qkv, co
 
 /* Scores, per-head softmax and policy at one node: sc [b][H] scores, p [b][H] per-head softmax,
  * lp [b] log pi (-INFINITY for padded children). */
-static void node_policy(const float *qi, const float *K, const uint8_t *mk, int b, int H, int dh, float *sc,
+static inline __attribute__((always_inline)) void node_policy(const float *qi, const float *K, const uint8_t *mk, int b, int H, int dh, float *sc,
                         float *p, float *lp) {
     const int D = H * dh;
     for (int c = 0; c < b; c++) head_dots(qi, K + (int64_t)c * D, H, dh, sc + c * H);
@@ -317,7 +338,7 @@ static void node_policy(const float *qi, const float *K, const uint8_t *mk, int 
 }
 
 /* Softmax over the nS entries of S for each head: lg [nS][H] logits -> w [nS][H] weights. */
-static void s_softmax(const float *lg, const uint8_t *real, int nS, int H, float *w) {
+static inline __attribute__((always_inline)) void s_softmax(const float *lg, const uint8_t *real, int nS, int H, float *w) {
     for (int h = 0; h < H; h++) {
         float mx = -INFINITY, z = 0.0f;
         for (int e = 0; e < nS; e++)
@@ -362,7 +383,7 @@ static void work_free(Work *w) {
 
 /* Walk query i down the tree (choosing, or following path when follow != 0), filling the work
  * arrays with the policy at every step and S; returns log_prob and entropy through lp_sum / ent_sum. */
-static void walk(int64_t i, int64_t M, int H, int dh, int b, int k, int P, const float *q,
+static inline __attribute__((always_inline)) void walk(int64_t i, int64_t M, int H, int dh, int b, int k, int P, const float *q,
                  const float *const *keys, const uint8_t *const *masks, const float *tok_k,
                  const uint8_t *tok_mask, const float *gumbel, const int64_t *actions, int64_t *path, int follow,
                  Work *W, float *lp_sum, float *ent_sum) {
@@ -423,10 +444,11 @@ static void walk(int64_t i, int64_t M, int H, int dh, int b, int k, int P, const
     *ent_sum = ents;
 }
 
-void tca_search_readout_fwd(int64_t M, int H, int dh, int b, int k, int P, const float *q, const float *const *keys,
-                            const float *const *values, const uint8_t *const *masks, const float *tok_k,
-                            const float *tok_v, const uint8_t *tok_mask, const float *gumbel, const int64_t *actions,
-                            float *out, int64_t *path, float *logp, float *ent, int64_t start, int64_t end) {
+static inline __attribute__((always_inline)) void
+search_readout_fwd(int64_t M, int H, int dh, int b, int k, int P, const float *q, const float *const *keys,
+                   const float *const *values, const uint8_t *const *masks, const float *tok_k, const float *tok_v,
+                   const uint8_t *tok_mask, const float *gumbel, const int64_t *actions, float *out, int64_t *path,
+                   float *logp, float *ent, int64_t start, int64_t end) {
     const int D = H * dh, nS = (b - 1) * k + P;
     Work W = work_alloc(b, k, H, nS);
     for (int64_t i = start; i < end; i++) {
@@ -439,7 +461,7 @@ void tca_search_readout_fwd(int64_t M, int H, int dh, int b, int k, int P, const
             const float *v = (W.level[e] < 0 ? tok_v : values[W.level[e]]) + W.vrow[e] * D;
             for (int h = 0; h < H; h++) {
                 const float a = W.w[e * H + h];
-                for (int t = 0; t < dh; t++) o[h * dh + t] += a * v[h * dh + t];
+                axpy(a, v + h * dh, o + h * dh, dh);
             }
         }
     }
@@ -449,11 +471,12 @@ void tca_search_readout_fwd(int64_t M, int H, int dh, int b, int k, int P, const
 /* Backward of tca_search_readout_fwd along the given path. g_out [B*M, H, dh], g_logp / g_ent [B*M]
  * (either may be NULL: zero). Gradients are accumulated (+=) into dq and the key / value tables'
  * gradients (same layouts as the tables); ranges [start, end) must not split a tree across threads. */
-void tca_search_readout_bwd(int64_t M, int H, int dh, int b, int k, int P, const float *q, const float *const *keys,
-                            const float *const *values, const uint8_t *const *masks, const float *tok_k,
-                            const float *tok_v, const uint8_t *tok_mask, const int64_t *path, const float *g_out,
-                            const float *g_logp, const float *g_ent, float *dq, float *const *dkeys,
-                            float *const *dvalues, float *dtok_k, float *dtok_v, int64_t start, int64_t end) {
+static inline __attribute__((always_inline)) void
+search_readout_bwd(int64_t M, int H, int dh, int b, int k, int P, const float *q, const float *const *keys,
+                   const float *const *values, const uint8_t *const *masks, const float *tok_k, const float *tok_v,
+                   const uint8_t *tok_mask, const int64_t *path, const float *g_out, const float *g_logp,
+                   const float *g_ent, float *dq, float *const *dkeys, float *const *dvalues, float *dtok_k,
+                   float *dtok_v, int64_t start, int64_t end) {
     const int D = H * dh, nS = (b - 1) * k + P;
     Work W = work_alloc(b, k, H, nS);
     float *ds = malloc(sizeof(float) * (size_t)(k > 0 ? k : 1) * b * H); /* d score [k][b][H] */
@@ -482,17 +505,15 @@ void tca_search_readout_bwd(int64_t M, int H, int dh, int b, int k, int P, const
             float *dv = (W.level[e] < 0 ? dtok_v : dvalues[W.level[e]]) + W.vrow[e] * D;
             for (int h = 0; h < H; h++) {
                 const float a = W.w[e * H + h];
-                for (int t = 0; t < dh; t++) dv[h * dh + t] += a * go[h * dh + t];
+                axpy(a, go + h * dh, dv + h * dh, dh);
             }
             if (W.level[e] < 0) { /* token key: its score's gradient goes to the key and the query here */
                 const float *kr = tok_k + W.krow[e] * D;
                 float *dk = dtok_k + W.krow[e] * D;
                 for (int h = 0; h < H; h++) {
                     const float g = dl[e * H + h];
-                    for (int t = 0; t < dh; t++) {
-                        dk[h * dh + t] += g * qi[h * dh + t];
-                        dqi[h * dh + t] += g * kr[h * dh + t];
-                    }
+                    axpy(g, qi + h * dh, dk + h * dh, dh);
+                    axpy(g, kr + h * dh, dqi + h * dh, dh);
                 }
             }
         }
@@ -531,14 +552,100 @@ void tca_search_readout_bwd(int64_t M, int H, int dh, int b, int k, int P, const
                 for (int h = 0; h < H; h++) {
                     const float g = ds[(s * b + c) * H + h];
                     if (g == 0.0f) continue;
-                    for (int t = 0; t < dh; t++) {
-                        dk[h * dh + t] += g * qi[h * dh + t];
-                        dqi[h * dh + t] += g * kr[h * dh + t];
-                    }
+                    axpy(g, qi + h * dh, dk + h * dh, dh);
+                    axpy(g, kr + h * dh, dqi + h * dh, dh);
                 }
             }
         }
     }
     free(ds); free(dl); free(dpi);
     work_free(&W);
+}
+
+/* Backward of tca_group_attention: g_out [G, c, H, dh] -> d_qkv [G, c, 3, H, dh] (overwritten). */
+static inline __attribute__((always_inline)) void
+group_attention_bwd(int c, int H, int dh, float scale, const float *qkv, const uint8_t *mask, const float *g_out,
+                    float *dqkv, int64_t start, int64_t end) {
+    const int D = H * dh;
+    float *w = malloc(sizeof(float) * (size_t)c);
+    float *da = malloc(sizeof(float) * (size_t)c);
+    for (int64_t g = start; g < end; g++) {
+        const float *base = qkv + g * (int64_t)c * 3 * D;
+        float *dbase = dqkv + g * (int64_t)c * 3 * D;
+        for (int64_t t = 0; t < (int64_t)c * 3 * D; t++) dbase[t] = 0.0f;
+        const uint8_t *m = mask ? mask + g * c : NULL;
+        int any = 0;
+        if (m) for (int j = 0; j < c; j++) any |= m[j];
+        for (int i = 0; i < c; i++) {
+            const float *qi = base + (int64_t)i * 3 * D;
+            float *dqi = dbase + (int64_t)i * 3 * D;
+            const float *gi = g_out + (g * c + i) * (int64_t)D;
+            for (int h = 0; h < H; h++) {
+                float mx = -INFINITY, z = 0.0f;
+                for (int j = 0; j < c; j++) {
+                    if (m && any && !m[j]) { w[j] = -INFINITY; continue; }
+                    w[j] = any || !m ? scale * dot(qi + h * dh, base + (int64_t)j * 3 * D + D + h * dh, dh) : 0.0f;
+                    mx = FMAX(mx, w[j]);
+                }
+                for (int j = 0; j < c; j++) { w[j] = w[j] == -INFINITY ? 0.0f : expf(w[j] - mx); z += w[j]; }
+                float s = 0.0f;
+                for (int j = 0; j < c; j++) {
+                    w[j] /= z;
+                    const float *v = base + (int64_t)j * 3 * D + 2 * D + h * dh;
+                    float *dv = dbase + (int64_t)j * 3 * D + 2 * D + h * dh;
+                    da[j] = dot(gi + h * dh, v, dh);
+                    s += w[j] * da[j];
+                    axpy(w[j], gi + h * dh, dv, dh);
+                }
+                if (m && !any) continue; /* constant logits: no gradient to q or k */
+                for (int j = 0; j < c; j++) {
+                    const float dl = scale * w[j] * (da[j] - s);
+                    if (dl == 0.0f) continue;
+                    const float *kj = base + (int64_t)j * 3 * D + D + h * dh;
+                    float *dkj = dbase + (int64_t)j * 3 * D + D + h * dh;
+                    axpy(dl, kj, dqi + h * dh, dh);
+                    axpy(dl, qi + h * dh, dkj, dh);
+                }
+            }
+        }
+    }
+    free(w); free(da);
+}
+
+/* Exported entry points: dh = 16 (the paper's D = 64 with 4 heads) gets a specialised copy. */
+void tca_group_attention(int c, int H, int dh, float scale, const float *qkv, const uint8_t *mask, float *out,
+                         int64_t start, int64_t end) {
+    if (dh == 16) group_attention(c, H, 16, scale, qkv, mask, out, start, end);
+    else group_attention(c, H, dh, scale, qkv, mask, out, start, end);
+}
+
+void tca_group_attention_bwd(int c, int H, int dh, float scale, const float *qkv, const uint8_t *mask,
+                             const float *g_out, float *dqkv, int64_t start, int64_t end) {
+    if (dh == 16) group_attention_bwd(c, H, 16, scale, qkv, mask, g_out, dqkv, start, end);
+    else group_attention_bwd(c, H, dh, scale, qkv, mask, g_out, dqkv, start, end);
+}
+
+void tca_search_readout_fwd(int64_t M, int H, int dh, int b, int k, int P, const float *q, const float *const *keys,
+                            const float *const *values, const uint8_t *const *masks, const float *tok_k,
+                            const float *tok_v, const uint8_t *tok_mask, const float *gumbel, const int64_t *actions,
+                            float *out, int64_t *path, float *logp, float *ent, int64_t start, int64_t end) {
+    if (dh == 16)
+        search_readout_fwd(M, H, 16, b, k, P, q, keys, values, masks, tok_k, tok_v, tok_mask, gumbel, actions, out,
+                           path, logp, ent, start, end);
+    else
+        search_readout_fwd(M, H, dh, b, k, P, q, keys, values, masks, tok_k, tok_v, tok_mask, gumbel, actions, out,
+                           path, logp, ent, start, end);
+}
+
+void tca_search_readout_bwd(int64_t M, int H, int dh, int b, int k, int P, const float *q, const float *const *keys,
+                            const float *const *values, const uint8_t *const *masks, const float *tok_k,
+                            const float *tok_v, const uint8_t *tok_mask, const int64_t *path, const float *g_out,
+                            const float *g_logp, const float *g_ent, float *dq, float *const *dkeys,
+                            float *const *dvalues, float *dtok_k, float *dtok_v, int64_t start, int64_t end) {
+    if (dh == 16)
+        search_readout_bwd(M, H, 16, b, k, P, q, keys, values, masks, tok_k, tok_v, tok_mask, path, g_out, g_logp,
+                           g_ent, dq, dkeys, dvalues, dtok_k, dtok_v, start, end);
+    else
+        search_readout_bwd(M, H, dh, b, k, P, q, keys, values, masks, tok_k, tok_v, tok_mask, path, g_out, g_logp,
+                           g_ent, dq, dkeys, dvalues, dtok_k, dtok_v, start, end);
 }
