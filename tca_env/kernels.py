@@ -26,7 +26,9 @@ import subprocess
 import tempfile
 import threading
 import warnings
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -40,6 +42,7 @@ DH_MAX = 256
 
 _lib: ctypes.CDLL | None = None
 _tried = False
+_enabled = True
 _lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
 _pool_size = 0
@@ -100,7 +103,7 @@ def _build() -> ctypes.CDLL:
 def library() -> ctypes.CDLL | None:
     """The compiled kernels, or None when they are disabled or cannot be built (warned once)."""
     global _lib, _tried
-    if os.environ.get("TCA_KERNELS", "1") == "0":
+    if not _enabled or os.environ.get("TCA_KERNELS", "1") == "0":
         return None
     if _tried:
         return _lib
@@ -114,6 +117,17 @@ def library() -> ctypes.CDLL | None:
                 _lib = None
             _tried = True
     return _lib
+
+
+@contextmanager
+def disabled() -> Iterator[None]:
+    """Run the PyTorch code paths inside this block (for comparisons and debugging)."""
+    global _enabled
+    old, _enabled = _enabled, False
+    try:
+        yield
+    finally:
+        _enabled = old
 
 
 def usable(*tensors: torch.Tensor) -> bool:

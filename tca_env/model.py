@@ -336,6 +336,8 @@ class ReTreever(nn.Module):
         """Token keys/values moved into the tree's slot layout (reusing the full-attention projections)."""
         tree = ctx.tree
         B, N = tree.perm.shape
+        if self.cfg.ordering == "natural" and N == tree.shape.num_slots:
+            return ctx.enc_kv  # slots are the tokens in their own order: nothing to move
         slot = tree.shape.slot_index(tree.perm.device)
         out = []
         for t in ctx.enc_kv:

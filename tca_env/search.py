@@ -301,7 +301,7 @@ def readout(kv: TreeKV, q: torch.Tensor, path: torch.Tensor, descent: Descent | 
     shape = kv.shape
     b, k = shape.b, shape.k
     ws = workspace(q, 1)
-    if descent is not None:
+    if descent is not None and len(descent.sib_logits) == k:
         logits = list(descent.sib_logits)
     else:
         logits = []

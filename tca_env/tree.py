@@ -222,7 +222,8 @@ class Aggregator(nn.Module):
     chunk_groups = 512
 
     @torch.no_grad()
-    def _forward_inference(self, x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _forward_inference(self, x: torch.Tensor,
+                           mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The same layer and masked mean without autograd, restructured for speed and memory.
 
         Exact rewrites (equal up to float rounding; tests/test_kernels.py checks): the masked mean is

@@ -162,7 +162,7 @@ greedy_readout(int64_t M, int H, int dh, int b, int k, int P,
                         for (int c = 0; c < b; c++)
                             if (!mk || mk[c]) mx = FMAX(mx, scj[c * H + h]);
                         for (int c = 0; c < b; c++) {
-                            ex[c * H + h] = (!mk || mk[c]) ? expf(scj[c * H + h] - mx) : 0.0f;
+                            ex[c * H + h] = (!mk || mk[c]) ? fexp(scj[c * H + h] - mx) : 0.0f;
                             z += ex[c * H + h];
                         }
                         for (int c = 0; c < b; c++) prob[c] += ex[c * H + h] / z;
@@ -288,7 +288,7 @@ group_attention(int c, int H, int dh, float scale, const float *qkv, const uint8
                     w[j] = any || !m ? scale * dot(qi + h * dh, base + (int64_t)j * 3 * D + D + h * dh, dh) : 0.0f;
                     mx = FMAX(mx, w[j]);
                 }
-                for (int j = 0; j < c; j++) { w[j] = w[j] == -INFINITY ? 0.0f : expf(w[j] - mx); z += w[j]; }
+                for (int j = 0; j < c; j++) { w[j] = w[j] == -INFINITY ? 0.0f : fexp(w[j] - mx); z += w[j]; }
                 float *oh = oi + h * dh;
                 for (int t = 0; t < dh; t++) oh[t] = 0.0f;
                 for (int j = 0; j < c; j++) {
@@ -326,7 +326,7 @@ static inline __attribute__((always_inline)) void node_policy(const float *qi, c
         for (int c = 0; c < b; c++)
             if (!mk || mk[c]) mx = FMAX(mx, sc[c * H + h]);
         for (int c = 0; c < b; c++) {
-            p[c * H + h] = (!mk || mk[c]) ? expf(sc[c * H + h] - mx) : 0.0f;
+            p[c * H + h] = (!mk || mk[c]) ? fexp(sc[c * H + h] - mx) : 0.0f;
             z += p[c * H + h];
         }
         for (int c = 0; c < b; c++) {
@@ -344,7 +344,7 @@ static inline __attribute__((always_inline)) void s_softmax(const float *lg, con
         for (int e = 0; e < nS; e++)
             if (real[e]) mx = FMAX(mx, lg[e * H + h]);
         for (int e = 0; e < nS; e++) {
-            w[e * H + h] = real[e] ? expf(lg[e * H + h] - mx) : 0.0f;
+            w[e * H + h] = real[e] ? fexp(lg[e * H + h] - mx) : 0.0f;
             z += w[e * H + h];
         }
         for (int e = 0; e < nS; e++) w[e * H + h] /= z;
@@ -417,7 +417,7 @@ static inline __attribute__((always_inline)) void walk(int64_t i, int64_t M, int
         lps += lp[a];
         for (int c = 0; c < b; c++)
             if (lp[c] > -INFINITY) {
-                const float pc = expf(lp[c]);
+                const float pc = fexp(lp[c]);
                 ents -= pc * lp[c];
             }
         for (int c = 0; c < b; c++) {
@@ -527,7 +527,7 @@ search_readout_bwd(int64_t M, int H, int dh, int b, int k, int P, const float *q
             for (int c = 0; c < b; c++) {
                 dpi[c] = 0.0f;
                 if (lp[c] == -INFINITY) continue;
-                const float pc = expf(lp[c]);
+                const float pc = fexp(lp[c]);
                 const float dlp = (c == a ? gl : 0.0f) - ge * pc * (lp[c] + 1.0f); /* d/d log pi_c */
                 float mean = 0.0f;
                 for (int h = 0; h < H; h++) mean += p[c * H + h];
@@ -587,7 +587,7 @@ group_attention_bwd(int c, int H, int dh, float scale, const float *qkv, const u
                     w[j] = any || !m ? scale * dot(qi + h * dh, base + (int64_t)j * 3 * D + D + h * dh, dh) : 0.0f;
                     mx = FMAX(mx, w[j]);
                 }
-                for (int j = 0; j < c; j++) { w[j] = w[j] == -INFINITY ? 0.0f : expf(w[j] - mx); z += w[j]; }
+                for (int j = 0; j < c; j++) { w[j] = w[j] == -INFINITY ? 0.0f : fexp(w[j] - mx); z += w[j]; }
                 float s = 0.0f;
                 for (int j = 0; j < c; j++) {
                     w[j] /= z;
