@@ -290,6 +290,16 @@ def search_readout(kv, q: torch.Tensor, gumbel: torch.Tensor | None, actions: to
     return SearchReadout.apply(kv, gumbel, actions, *c)
 
 
+def group_attention_backward(qkv: torch.Tensor, mask: torch.Tensor | None, scale: float,
+                             g_out: torch.Tensor) -> torch.Tensor:
+    """Gradient of :func:`group_attention` w.r.t. ``qkv [G, c, 3, H, dh]`` for ``g_out [G, c, H, dh]``."""
+    G, c, _, H, dh = qkv.shape
+    qkv, g_out, m = qkv.contiguous(), g_out.contiguous(), _u8(mask)
+    d = torch.empty_like(qkv)
+    _run(library().tca_group_attention_bwd, G, c, H, dh, scale, _ptr(qkv), _ptr(m), _ptr(g_out), _ptr(d))
+    return d
+
+
 class GroupAttention(torch.autograd.Function):
     """Differentiable :func:`group_attention` (C forward and backward): ``qkv [G, c, 3, H, dh]`` contiguous
     float32, ``mask [G, c]`` or None (not differentiable) -> ``[G, c, H, dh]``."""
@@ -303,9 +313,4 @@ class GroupAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_out):  # noqa: D102
         (qkv,) = ctx.saved_tensors
-        G, c, _, H, dh = qkv.shape
-        m = _u8(ctx.mask)
-        g_out = g_out.contiguous()
-        d = torch.empty_like(qkv)
-        _run(library().tca_group_attention_bwd, G, c, H, dh, ctx.scale, _ptr(qkv), _ptr(m), _ptr(g_out), _ptr(d))
-        return d, None, None
+        return group_attention_backward(qkv, ctx.mask, ctx.scale, g_out), None, None

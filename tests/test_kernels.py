@@ -240,3 +240,4 @@ def test_compiler_errors_are_reported(tmp_path, monkeypatch):
     monkeypatch.setenv("TCA_KERNEL_CACHE", str(tmp_path / "cache"))
     with pytest.raises(RuntimeError, match="compiling bad.c failed"):
         kernels._build()
+
