@@ -93,6 +93,12 @@ def _build() -> ctypes.CDLL:
     lib.tca_search_readout_fwd.argtypes = [_I64, _INT, _INT, _INT, _INT, _INT] + [_P] * 13 + [_I64, _I64]
     lib.tca_search_readout_bwd.restype = None
     lib.tca_search_readout_bwd.argtypes = [_I64, _INT, _INT, _INT, _INT, _INT] + [_P] * 16 + [_I64, _I64]
+    lib.tca_layernorm.restype = None
+    lib.tca_layernorm.argtypes = [_INT, _P, _P, _P, ctypes.c_float, _P, _I64, _I64]
+    lib.tca_residual_ln_mean.restype = None
+    lib.tca_residual_ln_mean.argtypes = [_INT, _INT, _P, _P, _P, _P, ctypes.c_float, _P, _P, _P, _I64, _I64]
+    lib.tca_relu_mean.restype = None
+    lib.tca_relu_mean.argtypes = [_INT, _INT, _P, _P, _P, _I64, _I64]
     lib.tca_group_attention.restype = None
     lib.tca_group_attention.argtypes = [_INT, _INT, _INT, ctypes.c_float, _P, _P, _P, _I64, _I64]
     lib.tca_group_attention_bwd.restype = None
@@ -314,3 +320,32 @@ class GroupAttention(torch.autograd.Function):
     def backward(ctx, g_out):  # noqa: D102
         (qkv,) = ctx.saved_tensors
         return group_attention_backward(qkv, ctx.mask, ctx.scale, g_out), None, None
+
+
+def layer_norm(x: torch.Tensor, norm: torch.nn.LayerNorm) -> torch.Tensor:
+    """``norm(x)`` for contiguous ``x [R, D]`` (no autograd)."""
+    y = torch.empty_like(x)
+    _run(library().tca_layernorm, x.shape[0], x.shape[1], _ptr(x), _ptr(norm.weight), _ptr(norm.bias), norm.eps,
+         _ptr(y))
+    return y
+
+
+def residual_ln_mean(o: torch.Tensor, x: torch.Tensor, norm: torch.nn.LayerNorm, w: torch.Tensor | None,
+                     c: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """In one pass over rows ``[G*c, D]``: ``o += x``; returns ``norm(o)`` and the per-group weighted sum of
+    ``o`` (``w [G, c]`` masked-mean weights, None: the mean)."""
+    R, D = o.shape
+    y, hm = torch.empty_like(o), o.new_empty(R // c, D)
+    wc = None if w is None else w.contiguous()
+    _run(library().tca_residual_ln_mean, R // c, c, D, _ptr(o), _ptr(x), _ptr(norm.weight), _ptr(norm.bias),
+         norm.eps, _ptr(wc), _ptr(y), _ptr(hm))
+    return y, hm
+
+
+def relu_mean(r: torch.Tensor, w: torch.Tensor | None, c: int) -> torch.Tensor:
+    """ReLU in place on rows ``[G*c, F]`` and the per-group weighted sum (``w [G, c]``, None: the mean)."""
+    R, F_ = r.shape
+    rm = r.new_empty(R // c, F_)
+    wc = None if w is None else w.contiguous()
+    _run(library().tca_relu_mean, R // c, c, F_, _ptr(r), _ptr(wc), _ptr(rm))
+    return rm

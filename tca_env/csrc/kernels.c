@@ -272,7 +272,7 @@ static inline __attribute__((always_inline)) void
 group_attention(int c, int H, int dh, float scale, const float *qkv, const uint8_t *mask, float *out, int64_t start,
                 int64_t end) {
     const int D = H * dh;
-    float *w = malloc(sizeof(float) * (size_t)c);
+    float *sc = malloc(sizeof(float) * (size_t)c * H); /* scores of one query child over the c keys */
     for (int64_t g = start; g < end; g++) {
         const float *base = qkv + g * (int64_t)c * 3 * D;
         const uint8_t *m = mask ? mask + g * c : NULL;
@@ -281,26 +281,33 @@ group_attention(int c, int H, int dh, float scale, const float *qkv, const uint8
         for (int i = 0; i < c; i++) {
             const float *qi = base + (int64_t)i * 3 * D;
             float *oi = out + (g * c + i) * (int64_t)D;
+            for (int j = 0; j < c; j++) {
+                if (m && !any) { /* no real child: uniform weights, as the PyTorch layer */
+                    for (int h = 0; h < H; h++) sc[j * H + h] = 0.0f;
+                } else if (m && !m[j]) {
+                    for (int h = 0; h < H; h++) sc[j * H + h] = -INFINITY;
+                } else {
+                    head_dots(qi, base + (int64_t)j * 3 * D + D, H, dh, sc + j * H);
+                    for (int h = 0; h < H; h++) sc[j * H + h] *= scale;
+                }
+            }
             for (int h = 0; h < H; h++) {
                 float mx = -INFINITY, z = 0.0f;
+                for (int j = 0; j < c; j++) mx = FMAX(mx, sc[j * H + h]);
                 for (int j = 0; j < c; j++) {
-                    if (m && any && !m[j]) { w[j] = -INFINITY; continue; }
-                    w[j] = any || !m ? scale * dot(qi + h * dh, base + (int64_t)j * 3 * D + D + h * dh, dh) : 0.0f;
-                    mx = FMAX(mx, w[j]);
+                    const float e = sc[j * H + h] == -INFINITY ? 0.0f : fexp(sc[j * H + h] - mx);
+                    sc[j * H + h] = e;
+                    z += e;
                 }
-                for (int j = 0; j < c; j++) { w[j] = w[j] == -INFINITY ? 0.0f : fexp(w[j] - mx); z += w[j]; }
+                const float inv = 1.0f / z;
                 float *oh = oi + h * dh;
                 for (int t = 0; t < dh; t++) oh[t] = 0.0f;
-                for (int j = 0; j < c; j++) {
-                    if (w[j] == 0.0f) continue;
-                    const float *v = base + (int64_t)j * 3 * D + 2 * D + h * dh;
-                    const float a = w[j] / z;
-                    axpy(a, v, oh, dh);
-                }
+                for (int j = 0; j < c; j++)
+                    if (sc[j * H + h] != 0.0f) axpy(sc[j * H + h] * inv, base + (int64_t)j * 3 * D + 2 * D + h * dh, oh, dh);
             }
         }
     }
-    free(w);
+    free(sc);
 }
 
 /* ------------------------------------------------------------------------------------------------
@@ -648,4 +655,79 @@ void tca_search_readout_bwd(int64_t M, int H, int dh, int b, int k, int P, const
     else
         search_readout_bwd(M, H, dh, b, k, P, q, keys, values, masks, tok_k, tok_v, tok_mask, path, g_out, g_logp,
                            g_ent, dq, dkeys, dvalues, dtok_k, dtok_v, start, end);
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * Inference aggregator passes (no autograd), rows [start, end) of D floats (D a multiple of 16 takes
+ * the vector path): layer norm, and the fused "residual + layer norm + masked mean" and
+ * "ReLU + masked mean" passes around the feed-forward's matrix products (tca_env/tree.py).
+ * ------------------------------------------------------------------------------------------------ */
+
+static inline __attribute__((always_inline)) void ln_row(const float *x, const float *gamma, const float *beta,
+                                                         float eps, float *y, int D) {
+    float mean, var; /* two passes (mean, then the mean square deviation), as PyTorch's */
+    if (D % 16 == 0) {
+        v16 s = {0}, s2 = {0};
+        for (int t = 0; t < D; t += 16) s += ld16(x + t);
+        mean = hsum16(s) / D;
+        for (int t = 0; t < D; t += 16) {
+            const v16 d = ld16(x + t) - mean;
+            s2 += d * d;
+        }
+        var = hsum16(s2) / D;
+    } else {
+        float s = 0.0f, s2 = 0.0f;
+        for (int t = 0; t < D; t++) s += x[t];
+        mean = s / D;
+        for (int t = 0; t < D; t++) s2 += (x[t] - mean) * (x[t] - mean);
+        var = s2 / D;
+    }
+    const float rstd = 1.0f / sqrtf(var + eps);
+    for (int t = 0; t < D; t++) y[t] = (x[t] - mean) * rstd * gamma[t] + beta[t];
+}
+
+void tca_layernorm(int D, const float *x, const float *gamma, const float *beta, float eps, float *y, int64_t start,
+                   int64_t end) {
+    for (int64_t r = start; r < end; r++) {
+        if (D == 64) ln_row(x + r * D, gamma, beta, eps, y + r * D, 64);
+        else ln_row(x + r * D, gamma, beta, eps, y + r * D, D);
+    }
+}
+
+/* Groups [start, end) of c rows: h = o + x (written into o), y = LN(h), hm[g] = sum_i w_gi h_i with
+ * w = mask weights [G, c] (NULL: 1/c). */
+void tca_residual_ln_mean(int c, int D, float *o, const float *x, const float *gamma, const float *beta, float eps,
+                          const float *w, float *y, float *hm, int64_t start, int64_t end) {
+    for (int64_t g = start; g < end; g++) {
+        float *acc = hm + g * D;
+        for (int t = 0; t < D; t++) acc[t] = 0.0f;
+        for (int i = 0; i < c; i++) {
+            const int64_t r = g * c + i;
+            float *h = o + r * D;
+            const float *xr = x + r * D;
+            const float wi = w ? w[r] : 1.0f / c;
+            for (int t = 0; t < D; t++) {
+                h[t] += xr[t];
+                acc[t] += wi * h[t];
+            }
+            if (D == 64) ln_row(h, gamma, beta, eps, y + r * D, 64);
+            else ln_row(h, gamma, beta, eps, y + r * D, D);
+        }
+    }
+}
+
+/* Groups [start, end) of c rows of width F: r = max(r, 0) (in place), rm[g] = sum_i w_gi r_i. */
+void tca_relu_mean(int c, int F, float *r, const float *w, float *rm, int64_t start, int64_t end) {
+    for (int64_t g = start; g < end; g++) {
+        float *acc = rm + g * F;
+        for (int t = 0; t < F; t++) acc[t] = 0.0f;
+        for (int i = 0; i < c; i++) {
+            float *ri = r + (g * c + i) * (int64_t)F;
+            const float wi = w ? w[g * c + i] : 1.0f / c;
+            for (int t = 0; t < F; t++) {
+                ri[t] = ri[t] > 0.0f ? ri[t] : 0.0f;
+                acc[t] += wi * ri[t];
+            }
+        }
+    }
 }
