@@ -39,6 +39,52 @@ typedef float v16u __attribute__((vector_size(64), aligned(4))); /* for unaligne
 
 static inline v16 ld16(const float *p) { return *(const v16u *)p; }
 
+typedef int32_t i16 __attribute__((vector_size(64)));
+
+/* fexp on 16 lanes (x <= 0), written with vector operations so it compiles to straight-line SIMD. */
+static inline v16 fexp16(v16 x) {
+    const v16 lo = (v16){0} - 87.0f;
+    const i16 below = x < lo;
+    x = (v16)(((i16)x & ~below) | ((i16)lo & below));
+    const v16 n = __builtin_convertvector(__builtin_convertvector(x * 1.44269504088896341f - 0.5f, i16), v16);
+    const v16 r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    v16 p = r * 1.9875691500e-4f + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    return p * (v16)((__builtin_convertvector(n, i16) + 127) << 23);
+}
+
+/* In place over n floats: x <- fexp(x) * m (m: 0/1 masks, or NULL). */
+static inline void fexp_array(float *x, const float *m, int n) {
+    int t = 0;
+    for (; t + 16 <= n; t += 16) {
+        v16 e = fexp16(ld16(x + t));
+        if (m) e *= ld16(m + t);
+        *(v16u *)(x + t) = e;
+    }
+    for (; t < n; t++) x[t] = fexp(x[t]) * (m ? m[t] : 1.0f);
+}
+
+/* In place over n floats: d <- sigmoid(d). */
+static inline void sigmoid_array(float *d, int n) {
+    int t = 0;
+    const i16 absmask = (i16){0} + 0x7fffffff;
+    for (; t + 16 <= n; t += 16) {
+        const v16 v = ld16(d + t);
+        const v16 e = fexp16((v16)((i16)v | ~absmask)); /* exp(-|d|) */
+        const i16 pos = v > 0.0f;
+        const v16 num = (v16)(((i16)e & ~pos) | ((i16)((v16){0} + 1.0f) & pos));
+        *(v16u *)(d + t) = num / (1.0f + e);
+    }
+    for (; t < n; t++) {
+        const float e = fexp(d[t] > 0 ? -d[t] : d[t]);
+        d[t] = (d[t] > 0 ? 1.0f : e) / (1.0f + e);
+    }
+}
+
 /* Horizontal sums of four 16-lane vectors into o[0..3], one shuffle tree for all four. */
 static inline void hsum4(v16 a, v16 b, v16 c, v16 d, float *o) {
     v16 x = __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
@@ -138,12 +184,7 @@ greedy_readout(int64_t M, int H, int dh, int b, int k, int P,
             if (b == 2 && !ms) { /* two children, no padding: p_h(child 0) = sigmoid(s0 - s1) */
                 for (int j = 0; j < nq; j++)
                     for (int h = 0; h < H; h++) pr[j * H + h] = sc[(j * 2) * H + h] - sc[(j * 2 + 1) * H + h];
-                const int nph = nq * H;
-                for (int t = 0; t < nph; t++) { /* one flat loop: vectorizes */
-                    const float d = pr[t];
-                    const float e = fexp(d > 0 ? -d : d);
-                    pr[t] = (d > 0 ? 1.0f : e) / (1.0f + e);
-                }
+                sigmoid_array(pr, nq * H);
             }
             for (int j = 0; j < nq; j++) {
                 const int64_t first = tree[j] * width + node[j] * b; /* row of child 0 in the level table */
@@ -217,8 +258,7 @@ greedy_readout(int64_t M, int H, int dh, int b, int k, int P,
                 if (rf[e] != 0.0f) mx = FMAX(mx, lg[e]);
             for (int e = 0; e < nS; e++) lg[e] -= mx;
         }
-        const int nw = nq * H * nS;
-        for (int e = 0; e < nw; e++) logit[e] = fexp(logit[e]) * realf[e];
+        fexp_array(logit, realf, nq * H * nS);
         for (int j = 0; j < nq; j++) {
             float *o = out + (i0 + j) * D;
             for (int h = 0; h < H; h++) {
