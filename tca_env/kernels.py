@@ -99,6 +99,12 @@ def _build() -> ctypes.CDLL:
     lib.tca_residual_ln_mean.argtypes = [_INT, _INT, _P, _P, _P, _P, ctypes.c_float, _P, _P, _P, _I64, _I64]
     lib.tca_relu_mean.restype = None
     lib.tca_relu_mean.argtypes = [_INT, _INT, _P, _P, _P, _I64, _I64]
+    lib.tca_normalize.restype = None
+    lib.tca_normalize.argtypes = [_INT, _P, ctypes.c_float, _P, _P, _I64, _I64]
+    lib.tca_residual_norm_mean.restype = None
+    lib.tca_residual_norm_mean.argtypes = [_INT, _INT, _P, _P, ctypes.c_float, _P, _P, _P, _P, _I64, _I64]
+    lib.tca_norm_backward.restype = None
+    lib.tca_norm_backward.argtypes = [_INT, _P, _P, _P, _P, _P, _P, _P, _I64, _I64]
     lib.tca_group_attention.restype = None
     lib.tca_group_attention.argtypes = [_INT, _INT, _INT, ctypes.c_float, _P, _P, _P, _I64, _I64]
     lib.tca_group_attention_bwd.restype = None
@@ -349,3 +355,31 @@ def relu_mean(r: torch.Tensor, w: torch.Tensor | None, c: int) -> torch.Tensor:
     wc = None if w is None else w.contiguous()
     _run(library().tca_relu_mean, R // c, c, F_, _ptr(r), _ptr(wc), _ptr(rm))
     return rm
+
+
+def normalize(x: torch.Tensor, eps: float, xh: torch.Tensor, rstd: torch.Tensor) -> None:
+    """Rows of ``x [R, D]`` normalised without affine into ``xh``, with ``rstd [R]`` (no autograd)."""
+    x = x.contiguous()
+    _run(library().tca_normalize, x.shape[0], x.shape[1], _ptr(x), eps, _ptr(xh), _ptr(rstd))
+
+
+def residual_norm_mean(o: torch.Tensor, x: torch.Tensor, eps: float, w: torch.Tensor | None, c: int,
+                       xh: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
+    """``o += x`` over rows ``[G*c, D]``, the rows normalised into ``xh`` (``rstd``), and the per-group
+    weighted sum of ``o`` returned (``w [G, c]``, None: the mean)."""
+    R, D = o.shape
+    hm = o.new_empty(R // c, D)
+    wc = None if w is None else w.contiguous()
+    _run(library().tca_residual_norm_mean, R // c, c, D, _ptr(o), _ptr(x.contiguous()), eps, _ptr(wc), _ptr(xh),
+         _ptr(rstd), _ptr(hm))
+    return hm
+
+
+def norm_backward(dxh: torch.Tensor, xh: torch.Tensor, rstd: torch.Tensor, w_row: torch.Tensor,
+                  dnode: torch.Tensor, grp: torch.Tensor) -> torch.Tensor:
+    """Gradient through a normalisation (``dxh`` w.r.t. its output) plus ``w_row * dnode[grp]``: ``[R, D]``."""
+    dxh = dxh.contiguous()
+    dh = torch.empty_like(dxh)
+    _run(library().tca_norm_backward, dxh.shape[0], dxh.shape[1], _ptr(dxh), _ptr(xh), _ptr(rstd), _ptr(w_row),
+         _ptr(dnode.contiguous()), _ptr(grp), _ptr(dh))
+    return dh

@@ -48,7 +48,15 @@ class TreeKV:
     def from_tree(cls, tree: Tree, project, tok_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> TreeKV:
         """Project with ``project(x [.., D]) -> (k, v) [.., H, dh]``; ``tok_kv`` reuses token projections."""
         shape = tree.shape
-        kv = [project(tree.nodes[level]) for level in range(1, shape.k + 1)]
+        if tree.all_nodes is not None and shape.k > 0:
+            # every node below the root in one projection (the root is the first B rows), then per-level views
+            B = tree.perm.shape[0]
+            pk, pv = project(tree.all_nodes[B:])
+            sizes = [B * shape.b**lvl for lvl in range(1, shape.k + 1)]
+            kv = [(a.view(B, n // B, *a.shape[1:]), c.view(B, n // B, *c.shape[1:]))
+                  for a, c, n in zip(pk.split(sizes), pv.split(sizes), sizes, strict=True)]
+        else:
+            kv = [project(tree.nodes[level]) for level in range(1, shape.k + 1)]
         tk, tv = project(tree.tokens) if tok_kv is None else tok_kv
         # Padding depends only on N: levels without any (all of them when N = P * b^k) keep no mask.
         masks = [None if bool((shape.counts(lvl) > 0).all()) else tree.node_mask[lvl] for lvl in range(1, shape.k + 1)]

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import fused_tree
 from .ops import softmax_small
 from .tasks.base import ORDERINGS
 
@@ -310,6 +311,8 @@ class Tree:
     nodes: list[torch.Tensor]
     node_mask: list[torch.Tensor]
     perm: torch.Tensor
+    all_nodes: torch.Tensor | None = None
+    """When set (training), ``nodes`` are views of this ``[sum_l B*b^l, D]`` tensor, levels 0..k in order."""
 
     @property
     def token_index(self) -> torch.Tensor:
@@ -343,6 +346,17 @@ def build_tree(enc: torch.Tensor, b: int, aggregator: Aggregator, ordering: str 
     token_mask = shape.slot_mask(enc.device).expand(B, -1)  # [B, P*b^k]
 
     k, P = shape.k, shape.P
+    if not bptt and torch.is_grad_enabled() and aggregator.qkv.weight.requires_grad \
+            and fused_tree.usable(aggregator, tokens):
+        # Training with detached levels: one autograd node for the whole aggregation (fused_tree.py).
+        tmask = None if N == shape.num_slots else token_mask.reshape(B * b**k, P)
+        pad = [not bool((shape.counts(lvl) > 0).all()) for lvl in range(1, k + 1)]
+        all_nodes, all_mask = fused_tree.FusedAggregation.apply(
+            aggregator, tokens.detach(), tmask, pad, b, k, *fused_tree.aggregator_params(aggregator))
+        off = fused_tree.level_offsets([B * b**lvl for lvl in range(k + 1)])
+        nodes = [all_nodes[off[lvl]:off[lvl] + B * b**lvl].view(B, b**lvl, D) for lvl in range(k + 1)]
+        masks = [all_mask[off[lvl]:off[lvl] + B * b**lvl].view(B, b**lvl) for lvl in range(k + 1)]
+        return Tree(shape, tokens, token_mask, nodes, masks, perm, all_nodes)
     # Masks are handed to the aggregator only where a level has padding (it depends on N alone).
     x = tokens.reshape(B * b**k, P, D)
     m = None if N == shape.num_slots else token_mask.reshape(B * b**k, P)

@@ -771,3 +771,75 @@ void tca_relu_mean(int c, int F, float *r, const float *w, float *rm, int64_t st
         }
     }
 }
+
+/* ------------------------------------------------------------------------------------------------
+ * Training aggregation (tca_env/fused_tree.py): the elementwise passes of the forward, storing what
+ * the hand-written backward needs, and the backward's layer-norm pass.
+ * ------------------------------------------------------------------------------------------------ */
+
+/* Normalise one row: xh = (x - mean) * rstd; returns rstd (two passes, as ln_row). */
+static inline __attribute__((always_inline)) float norm_row(const float *x, float eps, float *xh, int D) {
+    float mean, var;
+    if (D % 16 == 0) {
+        v16 s = {0}, s2 = {0};
+        for (int t = 0; t < D; t += 16) s += ld16(x + t);
+        mean = hsum16(s) / D;
+        for (int t = 0; t < D; t += 16) {
+            const v16 d = ld16(x + t) - mean;
+            s2 += d * d;
+        }
+        var = hsum16(s2) / D;
+    } else {
+        float s = 0.0f, s2 = 0.0f;
+        for (int t = 0; t < D; t++) s += x[t];
+        mean = s / D;
+        for (int t = 0; t < D; t++) s2 += (x[t] - mean) * (x[t] - mean);
+        var = s2 / D;
+    }
+    const float rstd = 1.0f / sqrtf(var + eps);
+    for (int t = 0; t < D; t++) xh[t] = (x[t] - mean) * rstd;
+    return rstd;
+}
+
+/* Rows [start, end): xh = normalised x (no affine), rstd per row. */
+void tca_normalize(int D, const float *x, float eps, float *xh, float *rstd, int64_t start, int64_t end) {
+    for (int64_t r = start; r < end; r++)
+        rstd[r] = D == 64 ? norm_row(x + r * D, eps, xh + r * D, 64) : norm_row(x + r * D, eps, xh + r * D, D);
+}
+
+/* Groups [start, end) of c rows: h = o + x (in o), xh = normalised h, rstd, hm[g] = sum_i w_gi h_i. */
+void tca_residual_norm_mean(int c, int D, float *o, const float *x, float eps, const float *w, float *xh,
+                            float *rstd, float *hm, int64_t start, int64_t end) {
+    for (int64_t g = start; g < end; g++) {
+        float *acc = hm + g * D;
+        for (int t = 0; t < D; t++) acc[t] = 0.0f;
+        for (int i = 0; i < c; i++) {
+            const int64_t r = g * c + i;
+            float *h = o + r * D;
+            const float *xr = x + r * D;
+            const float wi = w ? w[r] : 1.0f / c;
+            for (int t = 0; t < D; t++) {
+                h[t] += xr[t];
+                acc[t] += wi * h[t];
+            }
+            rstd[r] = D == 64 ? norm_row(h, eps, xh + r * D, 64) : norm_row(h, eps, xh + r * D, D);
+        }
+    }
+}
+
+/* Backward of the normalisation for rows [start, end): given dxh (gradient w.r.t. the normalised row,
+ * already multiplied by the norm's weight), dh = rstd * (dxh - mean(dxh) - xh * mean(dxh * xh)), plus
+ * w_row[r] * dnode[grp[r]] (the masked mean's direct path); written into dh. */
+void tca_norm_backward(int D, const float *dxh, const float *xh, const float *rstd, const float *w_row,
+                       const float *dnode, const int64_t *grp, float *dh, int64_t start, int64_t end) {
+    for (int64_t r = start; r < end; r++) {
+        const float *g = dxh + r * D, *y = xh + r * D, *dn = dnode + grp[r] * D;
+        float s = 0.0f, sy = 0.0f;
+        for (int t = 0; t < D; t++) { s += g[t]; sy += g[t] * y[t]; }
+        s /= D;
+        sy /= D;
+        const float rs = rstd[r], w = w_row[r];
+        float *o = dh + r * D;
+        for (int t = 0; t < D; t++) o[t] = rs * (g[t] - s - y[t] * sy) + w * dn[t];
+    }
+}
