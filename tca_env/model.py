@@ -478,13 +478,15 @@ class ReTreever(nn.Module):
     def _predict_tca_fused(self, batch: Batch) -> torch.Tensor:
         """Greedy TCA inference with the fused C kernel, streamed over chunks of trees for low peak memory.
 
-        Same result as the generic path (up to float rounding; tests/test_kernels.py). Encode, build the
-        trees and embed the queries for the whole batch; then for a few trees at a time (about
+        Same result as the generic path (up to float rounding; tests/test_kernels.py). Embed the queries,
+        encode and build the trees for the whole batch; then for a few trees at a time (about
         ``fused_chunk_slots`` token slots) project their nodes' and tokens' keys and values and their
         queries, run the kernel and the feed-forward and head. Keys, values, queries and read-outs
         exist for one chunk at a time, never for the whole batch.
         """
         c = self.cfg
+        # Queries first: the embedders' temporaries are then never alive next to the tree (the peak).
+        query_emb = self.embed_queries(batch)
         enc = self.encode_context(batch)
         tree = build_tree(enc, c.branch, self.aggregator, c.ordering, batch.xc, c.coord, c.bptt)
         del enc  # tree.tokens holds the (ordered) encodings
@@ -492,7 +494,6 @@ class ReTreever(nn.Module):
         levels = range(1, shape.k + 1)
         node_masks = [None if bool((shape.counts(lvl) > 0).all()) else tree.node_mask[lvl] for lvl in levels]
         tok_mask = None if shape.n == shape.num_slots else tree.token_mask
-        query_emb = self.embed_queries(batch)
         B, step = query_emb.shape[0], max(1, self.fused_chunk_slots // shape.num_slots)
         out = None
         for b0 in range(0, B, step):
