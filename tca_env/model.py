@@ -485,6 +485,7 @@ class ReTreever(nn.Module):
         exist for one chunk at a time, never for the whole batch.
         """
         c = self.cfg
+        self._check(batch)
         # Queries first: the embedders' temporaries are then never alive next to the tree (the peak).
         query_emb = self.embed_queries(batch)
         enc = self.encode_context(batch)
