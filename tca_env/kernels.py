@@ -93,16 +93,12 @@ def _build() -> ctypes.CDLL:
     lib.tca_search_readout_fwd.argtypes = [_I64, _INT, _INT, _INT, _INT, _INT] + [_P] * 13 + [_I64, _I64]
     lib.tca_search_readout_bwd.restype = None
     lib.tca_search_readout_bwd.argtypes = [_I64, _INT, _INT, _INT, _INT, _INT] + [_P] * 16 + [_I64, _I64]
-    lib.tca_layernorm.restype = None
-    lib.tca_layernorm.argtypes = [_INT, _P, _P, _P, ctypes.c_float, _P, _I64, _I64]
-    lib.tca_residual_ln_mean.restype = None
-    lib.tca_residual_ln_mean.argtypes = [_INT, _INT, _P, _P, _P, _P, ctypes.c_float, _P, _P, _P, _I64, _I64]
+    lib.tca_norm_rows.restype = None
+    lib.tca_norm_rows.argtypes = [_INT, _P, _P, _P, ctypes.c_float, _P, _P, _I64, _I64]
+    lib.tca_residual_norm_mean.restype = None
+    lib.tca_residual_norm_mean.argtypes = [_INT, _INT, _P, _P, _P, _P, ctypes.c_float, _P, _P, _P, _P, _I64, _I64]
     lib.tca_relu_mean.restype = None
     lib.tca_relu_mean.argtypes = [_INT, _INT, _P, _P, _P, _I64, _I64]
-    lib.tca_normalize.restype = None
-    lib.tca_normalize.argtypes = [_INT, _P, ctypes.c_float, _P, _P, _I64, _I64]
-    lib.tca_residual_norm_mean.restype = None
-    lib.tca_residual_norm_mean.argtypes = [_INT, _INT, _P, _P, ctypes.c_float, _P, _P, _P, _P, _I64, _I64]
     lib.tca_norm_backward.restype = None
     lib.tca_norm_backward.argtypes = [_INT, _P, _P, _P, _P, _P, _P, _P, _I64, _I64]
     lib.tca_group_attention.restype = None
@@ -331,8 +327,8 @@ class GroupAttention(torch.autograd.Function):
 def layer_norm(x: torch.Tensor, norm: torch.nn.LayerNorm) -> torch.Tensor:
     """``norm(x)`` for contiguous ``x [R, D]`` (no autograd)."""
     y = torch.empty_like(x)
-    _run(library().tca_layernorm, x.shape[0], x.shape[1], _ptr(x), _ptr(norm.weight), _ptr(norm.bias), norm.eps,
-         _ptr(y))
+    _run(library().tca_norm_rows, x.shape[0], x.shape[1], _ptr(x), _ptr(norm.weight), _ptr(norm.bias), norm.eps,
+         _ptr(y), None)
     return y
 
 
@@ -343,8 +339,8 @@ def residual_ln_mean(o: torch.Tensor, x: torch.Tensor, norm: torch.nn.LayerNorm,
     R, D = o.shape
     y, hm = torch.empty_like(o), o.new_empty(R // c, D)
     wc = None if w is None else w.contiguous()
-    _run(library().tca_residual_ln_mean, R // c, c, D, _ptr(o), _ptr(x), _ptr(norm.weight), _ptr(norm.bias),
-         norm.eps, _ptr(wc), _ptr(y), _ptr(hm))
+    _run(library().tca_residual_norm_mean, R // c, c, D, _ptr(o), _ptr(x), _ptr(norm.weight), _ptr(norm.bias),
+         norm.eps, _ptr(wc), _ptr(y), None, _ptr(hm))
     return y, hm
 
 
@@ -360,7 +356,7 @@ def relu_mean(r: torch.Tensor, w: torch.Tensor | None, c: int) -> torch.Tensor:
 def normalize(x: torch.Tensor, eps: float, xh: torch.Tensor, rstd: torch.Tensor) -> None:
     """Rows of ``x [R, D]`` normalised without affine into ``xh``, with ``rstd [R]`` (no autograd)."""
     x = x.contiguous()
-    _run(library().tca_normalize, x.shape[0], x.shape[1], _ptr(x), eps, _ptr(xh), _ptr(rstd))
+    _run(library().tca_norm_rows, x.shape[0], x.shape[1], _ptr(x), None, None, eps, _ptr(xh), _ptr(rstd))
 
 
 def residual_norm_mean(o: torch.Tensor, x: torch.Tensor, eps: float, w: torch.Tensor | None, c: int,
@@ -370,8 +366,8 @@ def residual_norm_mean(o: torch.Tensor, x: torch.Tensor, eps: float, w: torch.Te
     R, D = o.shape
     hm = o.new_empty(R // c, D)
     wc = None if w is None else w.contiguous()
-    _run(library().tca_residual_norm_mean, R // c, c, D, _ptr(o), _ptr(x.contiguous()), eps, _ptr(wc), _ptr(xh),
-         _ptr(rstd), _ptr(hm))
+    _run(library().tca_residual_norm_mean, R // c, c, D, _ptr(o), _ptr(x.contiguous()), None, None, eps, _ptr(wc),
+         _ptr(xh), _ptr(rstd), _ptr(hm))
     return hm
 
 

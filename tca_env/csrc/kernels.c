@@ -135,6 +135,36 @@ static inline __attribute__((always_inline)) void head_dots(const float *q, cons
     for (; h < H; h++) o[h] = dot(q + h * dh, k + h * dh, dh);
 }
 
+/* Per-head softmax over the b children and the policy at one node, from the scores sc [b][H]:
+ * p [b][H] per-head softmax, lp [b] log pi = log max(mean_h p, FLT_MIN) (-INFINITY for padded children). */
+static inline __attribute__((always_inline)) void policy_from_scores(const float *sc, const uint8_t *mk, int b, int H,
+                                                                     float *p, float *lp) {
+    for (int c = 0; c < b; c++) lp[c] = 0.0f;
+    for (int h = 0; h < H; h++) {
+        float mx = -INFINITY, z = 0.0f;
+        for (int c = 0; c < b; c++)
+            if (!mk || mk[c]) mx = FMAX(mx, sc[c * H + h]);
+        for (int c = 0; c < b; c++) {
+            p[c * H + h] = (!mk || mk[c]) ? fexp(sc[c * H + h] - mx) : 0.0f;
+            z += p[c * H + h];
+        }
+        const float inv = 1.0f / z;
+        for (int c = 0; c < b; c++) {
+            p[c * H + h] *= inv;
+            lp[c] += p[c * H + h];
+        }
+    }
+    for (int c = 0; c < b; c++) lp[c] = (!mk || mk[c]) ? logf(FMAX(lp[c] / H, FLT_MIN)) : -INFINITY;
+}
+
+/* Scores of the b children at one node (sc [b][H]) and the policy there (see policy_from_scores). */
+static inline __attribute__((always_inline)) void node_policy(const float *qi, const float *K, const uint8_t *mk, int b,
+                                                              int H, int dh, float *sc, float *p, float *lp) {
+    const int D = H * dh;
+    for (int c = 0; c < b; c++) head_dots(qi, K + (int64_t)c * D, H, dh, sc + c * H);
+    policy_from_scores(sc, mk, b, H, p, lp);
+}
+
 #define DH_MAX 256 /* largest head width handled */
 #define QB 16      /* queries advanced together, level by level: their row loads are in flight together */
 
@@ -197,23 +227,10 @@ greedy_readout(int64_t M, int H, int dh, int b, int k, int P,
                     for (int h = 0; h < H; h++) p0 += pr[j * H + h];
                     a = p0 >= 0.5f * H ? 0 : 1;
                 } else {
-                    for (int c = 0; c < b; c++) prob[c] = 0.0f;
-                    for (int h = 0; h < H; h++) {
-                        float mx = -INFINITY, z = 0.0f;
-                        for (int c = 0; c < b; c++)
-                            if (!mk || mk[c]) mx = FMAX(mx, scj[c * H + h]);
-                        for (int c = 0; c < b; c++) {
-                            ex[c * H + h] = (!mk || mk[c]) ? fexp(scj[c * H + h] - mx) : 0.0f;
-                            z += ex[c * H + h];
-                        }
-                        for (int c = 0; c < b; c++) prob[c] += ex[c * H + h] / z;
-                    }
+                    policy_from_scores(scj, mk, b, H, ex, prob); /* prob: log pi, -inf when padded */
                     float best = -INFINITY;
-                    for (int c = 0; c < b; c++) {
-                        if (mk && !mk[c]) continue;
-                        const float p = FMAX(prob[c] / H, FLT_MIN); /* the PyTorch policy's floor */
-                        if (p > best) { best = p; a = c; }
-                    }
+                    for (int c = 0; c < b; c++)
+                        if (prob[c] > best) { best = prob[c]; a = c; }
                 }
                 int n = s * (b - 1);
                 for (int c = 0; c < b; c++) {
@@ -361,28 +378,6 @@ group_attention(int c, int H, int dh, float scale, const float *qkv, const uint8
  * else the greedy first argmax of log pi_c.
  * ------------------------------------------------------------------------------------------------ */
 
-/* Scores, per-head softmax and policy at one node: sc [b][H] scores, p [b][H] per-head softmax,
- * lp [b] log pi (-INFINITY for padded children). */
-static inline __attribute__((always_inline)) void node_policy(const float *qi, const float *K, const uint8_t *mk, int b, int H, int dh, float *sc,
-                        float *p, float *lp) {
-    const int D = H * dh;
-    for (int c = 0; c < b; c++) head_dots(qi, K + (int64_t)c * D, H, dh, sc + c * H);
-    for (int c = 0; c < b; c++) lp[c] = 0.0f;
-    for (int h = 0; h < H; h++) {
-        float mx = -INFINITY, z = 0.0f;
-        for (int c = 0; c < b; c++)
-            if (!mk || mk[c]) mx = FMAX(mx, sc[c * H + h]);
-        for (int c = 0; c < b; c++) {
-            p[c * H + h] = (!mk || mk[c]) ? fexp(sc[c * H + h] - mx) : 0.0f;
-            z += p[c * H + h];
-        }
-        for (int c = 0; c < b; c++) {
-            p[c * H + h] /= z;
-            lp[c] += p[c * H + h];
-        }
-    }
-    for (int c = 0; c < b; c++) lp[c] = (!mk || mk[c]) ? logf(FMAX(lp[c] / H, FLT_MIN)) : -INFINITY;
-}
 
 /* Softmax over the nS entries of S for each head: lg [nS][H] logits -> w [nS][H] weights. */
 static inline __attribute__((always_inline)) void s_softmax(const float *lg, const uint8_t *real, int nS, int H, float *w) {
@@ -700,12 +695,13 @@ void tca_search_readout_bwd(int64_t M, int H, int dh, int b, int k, int P, const
 /* ------------------------------------------------------------------------------------------------
  * Inference aggregator passes (no autograd), rows [start, end) of D floats (D a multiple of 16 takes
  * the vector path): layer norm, and the fused "residual + layer norm + masked mean" and
- * "ReLU + masked mean" passes around the feed-forward's matrix products (tca_env/tree.py).
+ * "ReLU + masked mean" passes around the feed-forward's matrix products (tca_env/tree.py), also used
+ * by the training aggregation's forward (tca_env/fused_tree.py) without the norms' affine maps.
  * ------------------------------------------------------------------------------------------------ */
 
-static inline __attribute__((always_inline)) void ln_row(const float *x, const float *gamma, const float *beta,
-                                                         float eps, float *y, int D) {
-    float mean, var; /* two passes (mean, then the mean square deviation), as PyTorch's */
+/* Mean and 1/std of one row (two passes, as PyTorch's layer norm). */
+static inline __attribute__((always_inline)) float row_stats(const float *x, float eps, int D, float *mean_out) {
+    float mean, var;
     if (D % 16 == 0) {
         v16 s = {0}, s2 = {0};
         for (int t = 0; t < D; t += 16) s += ld16(x + t);
@@ -722,22 +718,37 @@ static inline __attribute__((always_inline)) void ln_row(const float *x, const f
         for (int t = 0; t < D; t++) s2 += (x[t] - mean) * (x[t] - mean);
         var = s2 / D;
     }
-    const float rstd = 1.0f / sqrtf(var + eps);
-    for (int t = 0; t < D; t++) y[t] = (x[t] - mean) * rstd * gamma[t] + beta[t];
+    *mean_out = mean;
+    return 1.0f / sqrtf(var + eps);
 }
 
-void tca_layernorm(int D, const float *x, const float *gamma, const float *beta, float eps, float *y, int64_t start,
-                   int64_t end) {
+/* y = layer norm of x, with the affine map when gamma is given (else the normalised row); returns rstd. */
+static inline __attribute__((always_inline)) float norm_row(const float *x, const float *gamma, const float *beta,
+                                                            float eps, float *y, int D) {
+    float mean;
+    const float rstd = row_stats(x, eps, D, &mean);
+    if (gamma)
+        for (int t = 0; t < D; t++) y[t] = (x[t] - mean) * rstd * gamma[t] + beta[t];
+    else
+        for (int t = 0; t < D; t++) y[t] = (x[t] - mean) * rstd;
+    return rstd;
+}
+
+/* Rows [start, end) of x: y = layer norm (affine when gamma is given, else normalised only); rstd per
+ * row when rstd is not NULL. */
+void tca_norm_rows(int D, const float *x, const float *gamma, const float *beta, float eps, float *y, float *rstd,
+                   int64_t start, int64_t end) {
     for (int64_t r = start; r < end; r++) {
-        if (D == 64) ln_row(x + r * D, gamma, beta, eps, y + r * D, 64);
-        else ln_row(x + r * D, gamma, beta, eps, y + r * D, D);
+        const float rs = D == 64 ? norm_row(x + r * D, gamma, beta, eps, y + r * D, 64)
+                                 : norm_row(x + r * D, gamma, beta, eps, y + r * D, D);
+        if (rstd) rstd[r] = rs;
     }
 }
 
-/* Groups [start, end) of c rows: h = o + x (written into o), y = LN(h), hm[g] = sum_i w_gi h_i with
- * w = mask weights [G, c] (NULL: 1/c). */
-void tca_residual_ln_mean(int c, int D, float *o, const float *x, const float *gamma, const float *beta, float eps,
-                          const float *w, float *y, float *hm, int64_t start, int64_t end) {
+/* Groups [start, end) of c rows: h = o + x (written into o), y = layer norm of h (as tca_norm_rows,
+ * rstd optional), hm[g] = sum_i w_gi h_i with w = mask weights [G, c] (NULL: 1/c). */
+void tca_residual_norm_mean(int c, int D, float *o, const float *x, const float *gamma, const float *beta, float eps,
+                            const float *w, float *y, float *rstd, float *hm, int64_t start, int64_t end) {
     for (int64_t g = start; g < end; g++) {
         float *acc = hm + g * D;
         for (int t = 0; t < D; t++) acc[t] = 0.0f;
@@ -750,8 +761,9 @@ void tca_residual_ln_mean(int c, int D, float *o, const float *x, const float *g
                 h[t] += xr[t];
                 acc[t] += wi * h[t];
             }
-            if (D == 64) ln_row(h, gamma, beta, eps, y + r * D, 64);
-            else ln_row(h, gamma, beta, eps, y + r * D, D);
+            const float rs = D == 64 ? norm_row(h, gamma, beta, eps, y + r * D, 64)
+                                     : norm_row(h, gamma, beta, eps, y + r * D, D);
+            if (rstd) rstd[r] = rs;
         }
     }
 }
@@ -773,59 +785,9 @@ void tca_relu_mean(int c, int F, float *r, const float *w, float *rm, int64_t st
 }
 
 /* ------------------------------------------------------------------------------------------------
- * Training aggregation (tca_env/fused_tree.py): the elementwise passes of the forward, storing what
- * the hand-written backward needs, and the backward's layer-norm pass.
+ * Training aggregation (tca_env/fused_tree.py): the backward's layer-norm pass (the forward uses
+ * tca_norm_rows and tca_residual_norm_mean without the affine map).
  * ------------------------------------------------------------------------------------------------ */
-
-/* Normalise one row: xh = (x - mean) * rstd; returns rstd (two passes, as ln_row). */
-static inline __attribute__((always_inline)) float norm_row(const float *x, float eps, float *xh, int D) {
-    float mean, var;
-    if (D % 16 == 0) {
-        v16 s = {0}, s2 = {0};
-        for (int t = 0; t < D; t += 16) s += ld16(x + t);
-        mean = hsum16(s) / D;
-        for (int t = 0; t < D; t += 16) {
-            const v16 d = ld16(x + t) - mean;
-            s2 += d * d;
-        }
-        var = hsum16(s2) / D;
-    } else {
-        float s = 0.0f, s2 = 0.0f;
-        for (int t = 0; t < D; t++) s += x[t];
-        mean = s / D;
-        for (int t = 0; t < D; t++) s2 += (x[t] - mean) * (x[t] - mean);
-        var = s2 / D;
-    }
-    const float rstd = 1.0f / sqrtf(var + eps);
-    for (int t = 0; t < D; t++) xh[t] = (x[t] - mean) * rstd;
-    return rstd;
-}
-
-/* Rows [start, end): xh = normalised x (no affine), rstd per row. */
-void tca_normalize(int D, const float *x, float eps, float *xh, float *rstd, int64_t start, int64_t end) {
-    for (int64_t r = start; r < end; r++)
-        rstd[r] = D == 64 ? norm_row(x + r * D, eps, xh + r * D, 64) : norm_row(x + r * D, eps, xh + r * D, D);
-}
-
-/* Groups [start, end) of c rows: h = o + x (in o), xh = normalised h, rstd, hm[g] = sum_i w_gi h_i. */
-void tca_residual_norm_mean(int c, int D, float *o, const float *x, float eps, const float *w, float *xh,
-                            float *rstd, float *hm, int64_t start, int64_t end) {
-    for (int64_t g = start; g < end; g++) {
-        float *acc = hm + g * D;
-        for (int t = 0; t < D; t++) acc[t] = 0.0f;
-        for (int i = 0; i < c; i++) {
-            const int64_t r = g * c + i;
-            float *h = o + r * D;
-            const float *xr = x + r * D;
-            const float wi = w ? w[r] : 1.0f / c;
-            for (int t = 0; t < D; t++) {
-                h[t] += xr[t];
-                acc[t] += wi * h[t];
-            }
-            rstd[r] = D == 64 ? norm_row(h, eps, xh + r * D, 64) : norm_row(h, eps, xh + r * D, D);
-        }
-    }
-}
 
 /* Backward of the normalisation for rows [start, end): given dxh (gradient w.r.t. the normalised row,
  * already multiplied by the norm's weight), dh = rstd * (dxh - mean(dxh) - xh * mean(dxh * xh)), plus
