@@ -86,13 +86,13 @@ class FusedAggregation(torch.autograd.Function):
                 wsum[g0:g1_] = w.sum(1, keepdim=True)
             kernels.normalize(x, agg.norm1.eps, XH1[r0:r1], RS1[r0:r1])
             torch.addmm(bqkv_f, XH1[r0:r1], wqkv_f.t(), out=QKV[r0:r1])
-            ATT[r0:r1] = kernels.group_attention(QKV[r0:r1].view(Gl, c, 3, H, dh), m, dh**-0.5).view(-1, D)
+            kernels.group_attention(QKV[r0:r1].view(Gl, c, 3, H, dh), m, dh**-0.5, out=ATT[r0:r1])
             h = F.linear(ATT[r0:r1], wo, bo)
-            hm = kernels.residual_norm_mean(h, x, agg.norm2.eps, w, c, XH2[r0:r1], RS2[r0:r1])
+            node = all_nodes[g0:g1_]
+            kernels.residual_norm_mean(h, x, agg.norm2.eps, w, c, XH2[r0:r1], RS2[r0:r1], out=node)  # node = mean h
             torch.addmm(b1_f, XH2[r0:r1], w1_f.t(), out=RL[r0:r1])
-            rm = kernels.relu_mean(RL[r0:r1], w, c)
-            RM[g0:g1_] = rm
-            node = torch.addmm(hm, rm, w2.t(), out=all_nodes[g0:g1_])
+            rm = kernels.relu_mean(RL[r0:r1], w, c, out=RM[g0:g1_])
+            node.addmm_(rm, w2.t())
             node.addmm_(wsum[g0:g1_], b2.unsqueeze(0))  # + b2 * wsum (0 for a fully padded node)
             if lvl > 0:
                 x = node
@@ -109,11 +109,10 @@ class FusedAggregation(torch.autograd.Function):
         XH1, XH2, ATT, QKV, RL, RS2, RM, w_row, wsum, grp, *params = ctx.saved_tensors
         g1, be1, wqkv, bqkv, wo, bo, g2, be2, w1, b1, w2, b2 = params
         masks, roff, rows, groups, cs, H, dh = ctx.meta
-        D = XH1.shape[1]
         d_nodes = d_nodes.contiguous()
         # node = sum_i w_i h_i + W2 (sum_i w_i r_i) + b2 * wsum
         dw2, db2 = d_nodes.t() @ RM, (d_nodes * wsum).sum(0)
-        dz1 = (d_nodes @ w2).index_select(0, grp).mul_(w_row.unsqueeze(1)).mul_(RL > 0)  # [R, F] through ReLU
+        dz1 = kernels.expand_rows(d_nodes @ w2, grp, w_row, RL)  # [R, F]: to the child rows, through the ReLU
         # r = relu(xh2 (W1 g2)^T + W1 be2 + b1)
         m2, s1 = dz1.t() @ XH2, dz1.sum(0)  # [F, D], [F]
         dw1 = m2 * g2 + torch.outer(s1, be2)
@@ -126,9 +125,8 @@ class FusedAggregation(torch.autograd.Function):
         for lvl in range(len(rows)):
             r0, r1 = roff[lvl], roff[lvl] + rows[lvl]
             Gl, c = groups[lvl], cs[lvl]
-            g = kernels.group_attention_backward(QKV[r0:r1].view(Gl, c, 3, H, dh), masks[lvl], dh**-0.5,
-                                                 datt[r0:r1].view(Gl, c, H, dh))
-            dqkv[r0:r1] = g.view(-1, 3 * D)
+            kernels.group_attention_backward(QKV[r0:r1].view(Gl, c, 3, H, dh), masks[lvl], dh**-0.5,
+                                             datt[r0:r1].view(Gl, c, H, dh), out=dqkv[r0:r1])
         # qkv = xh1 (Wqkv g1)^T + Wqkv be1 + bqkv; the input is detached, so no product for its gradient
         m1, sq = dqkv.t() @ XH1, dqkv.sum(0)  # [3D, D], [3D]
         dwqkv = m1 * g1 + torch.outer(sq, be1)

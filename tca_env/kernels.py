@@ -101,6 +101,8 @@ def _build() -> ctypes.CDLL:
     lib.tca_relu_mean.argtypes = [_INT, _INT, _P, _P, _P, _I64, _I64]
     lib.tca_norm_backward.restype = None
     lib.tca_norm_backward.argtypes = [_INT, _P, _P, _P, _P, _P, _P, _P, _I64, _I64]
+    lib.tca_expand_rows.restype = None
+    lib.tca_expand_rows.argtypes = [_INT, _P, _P, _P, _P, _P, _I64, _I64]
     lib.tca_group_attention.restype = None
     lib.tca_group_attention.argtypes = [_INT, _INT, _INT, ctypes.c_float, _P, _P, _P, _I64, _I64]
     lib.tca_group_attention_bwd.restype = None
@@ -216,13 +218,24 @@ def greedy_readout(kv, q: torch.Tensor, with_path: bool = False,
     return out, path
 
 
-def group_attention(qkv: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
-    """Self-attention inside each group: ``qkv [G, c, 3, H, dh]``, ``mask [G, c]`` -> ``[G, c, H, dh]``."""
+def _out(out: torch.Tensor | None, like: torch.Tensor, *shape: int) -> torch.Tensor:
+    """``out`` checked to be a contiguous float32 tensor of ``shape``, or a new one."""
+    if out is None:
+        return like.new_empty(*shape)
+    if out.numel() != int(torch.Size(shape).numel()) or not out.is_contiguous() or out.dtype != torch.float32:
+        raise ValueError(f"out must be a contiguous float32 tensor of {tuple(shape)} elements")
+    return out
+
+
+def group_attention(qkv: torch.Tensor, mask: torch.Tensor | None, scale: float,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+    """Self-attention inside each group: ``qkv [G, c, 3, H, dh]``, ``mask [G, c]`` -> ``[G, c, H, dh]``
+    (written into ``out`` when given)."""
     lib = library()
     G, c, _, H, dh = qkv.shape
     qkv = qkv.contiguous()
     m = _u8(mask)
-    out = qkv.new_empty(G, c, H, dh)
+    out = _out(out, qkv, G, c, H, dh)
     _run(lib.tca_group_attention, G, c, H, dh, scale, _ptr(qkv), _ptr(m), _ptr(out))
     return out
 
@@ -299,11 +312,12 @@ def search_readout(kv, q: torch.Tensor, gumbel: torch.Tensor | None, actions: to
 
 
 def group_attention_backward(qkv: torch.Tensor, mask: torch.Tensor | None, scale: float,
-                             g_out: torch.Tensor) -> torch.Tensor:
-    """Gradient of :func:`group_attention` w.r.t. ``qkv [G, c, 3, H, dh]`` for ``g_out [G, c, H, dh]``."""
+                             g_out: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Gradient of :func:`group_attention` w.r.t. ``qkv [G, c, 3, H, dh]`` for ``g_out [G, c, H, dh]``
+    (written into ``out`` when given)."""
     G, c, _, H, dh = qkv.shape
     qkv, g_out, m = qkv.contiguous(), g_out.contiguous(), _u8(mask)
-    d = torch.empty_like(qkv)
+    d = _out(out, qkv, G, c, 3, H, dh)
     _run(library().tca_group_attention_bwd, G, c, H, dh, scale, _ptr(qkv), _ptr(m), _ptr(g_out), _ptr(d))
     return d
 
@@ -344,10 +358,11 @@ def residual_ln_mean(o: torch.Tensor, x: torch.Tensor, norm: torch.nn.LayerNorm,
     return y, hm
 
 
-def relu_mean(r: torch.Tensor, w: torch.Tensor | None, c: int) -> torch.Tensor:
-    """ReLU in place on rows ``[G*c, F]`` and the per-group weighted sum (``w [G, c]``, None: the mean)."""
+def relu_mean(r: torch.Tensor, w: torch.Tensor | None, c: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """ReLU in place on rows ``[G*c, F]`` and the per-group weighted sum (``w [G, c]``, None: the mean),
+    written into ``out`` when given."""
     R, F_ = r.shape
-    rm = r.new_empty(R // c, F_)
+    rm = _out(out, r, R // c, F_)
     wc = None if w is None else w.contiguous()
     _run(library().tca_relu_mean, R // c, c, F_, _ptr(r), _ptr(wc), _ptr(rm))
     return rm
@@ -360,11 +375,11 @@ def normalize(x: torch.Tensor, eps: float, xh: torch.Tensor, rstd: torch.Tensor)
 
 
 def residual_norm_mean(o: torch.Tensor, x: torch.Tensor, eps: float, w: torch.Tensor | None, c: int,
-                       xh: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
+                       xh: torch.Tensor, rstd: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """``o += x`` over rows ``[G*c, D]``, the rows normalised into ``xh`` (``rstd``), and the per-group
-    weighted sum of ``o`` returned (``w [G, c]``, None: the mean)."""
+    weighted sum of ``o`` returned (``w [G, c]``, None: the mean; into ``out`` when given)."""
     R, D = o.shape
-    hm = o.new_empty(R // c, D)
+    hm = _out(out, o, R // c, D)
     wc = None if w is None else w.contiguous()
     _run(library().tca_residual_norm_mean, R // c, c, D, _ptr(o), _ptr(x.contiguous()), None, None, eps, _ptr(wc),
          _ptr(xh), _ptr(rstd), _ptr(hm))
@@ -379,3 +394,13 @@ def norm_backward(dxh: torch.Tensor, xh: torch.Tensor, rstd: torch.Tensor, w_row
     _run(library().tca_norm_backward, dxh.shape[0], dxh.shape[1], _ptr(dxh), _ptr(xh), _ptr(rstd), _ptr(w_row),
          _ptr(dnode.contiguous()), _ptr(grp), _ptr(dh))
     return dh
+
+
+def expand_rows(src: torch.Tensor, grp: torch.Tensor, w_row: torch.Tensor,
+                relu_out: torch.Tensor | None = None) -> torch.Tensor:
+    """``w_row[r] * src[grp[r]]`` for every row r, zero where ``relu_out[r] <= 0`` (when given): ``[R, F]``."""
+    src = src.contiguous()
+    R, F_ = grp.shape[0], src.shape[1]
+    out = src.new_empty(R, F_)
+    _run(library().tca_expand_rows, R, F_, _ptr(src), _ptr(grp), _ptr(w_row), _ptr(relu_out), _ptr(out))
+    return out

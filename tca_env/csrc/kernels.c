@@ -805,3 +805,20 @@ void tca_norm_backward(int D, const float *dxh, const float *xh, const float *rs
         for (int t = 0; t < D; t++) o[t] = rs * (g[t] - s - y[t] * sy) + w * dn[t];
     }
 }
+
+/* Rows [start, end): out[r] = w_row[r] * src[grp[r]], zeroed where relu_out[r] <= 0 when relu_out is given
+ * (the backward of "mean over children, then ReLU" in one pass). src [G, F], out and relu_out [R, F]. */
+void tca_expand_rows(int F, const float *src, const int64_t *grp, const float *w_row, const float *relu_out,
+                     float *out, int64_t start, int64_t end) {
+    for (int64_t r = start; r < end; r++) {
+        const float *a = src + grp[r] * F;
+        const float w = w_row[r];
+        float *o = out + r * F;
+        if (relu_out) {
+            const float *z = relu_out + r * F;
+            for (int t = 0; t < F; t++) o[t] = z[t] > 0.0f ? w * a[t] : 0.0f;
+        } else {
+            for (int t = 0; t < F; t++) o[t] = w * a[t];
+        }
+    }
+}
