@@ -45,7 +45,7 @@ _tried = False
 _enabled = True
 _lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
-_pool_size = 0
+_pool_key: tuple[int, int] = (0, 0)  # (threads, pid): a forked child gets its own pool
 _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
 _INT = ctypes.c_int
@@ -153,31 +153,39 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+def _get_pool(threads: int) -> ThreadPoolExecutor:
+    """The worker threads for kernel calls: rebuilt when the thread count changes or after a fork (a
+    child process inherits the pool object but not its threads)."""
+    global _pool, _pool_key
+    key = (threads, os.getpid())
+    if _pool is None or _pool_key != key:
+        if _pool is not None and _pool_key[1] == key[1]:
+            _pool.shutdown(wait=False)
+        _pool, _pool_key = ThreadPoolExecutor(threads, thread_name_prefix="tca-kernels"), key
+    return _pool
+
+
 def _run(fn, n: int, *args) -> None:
     """Call ``fn(*args, start, end)`` over [0, n) split across torch.get_num_threads() threads."""
-    global _pool, _pool_size
     threads = max(1, min(torch.get_num_threads(), n // 256 or 1))
     if threads == 1:
         fn(*args, 0, n)
         return
-    if _pool is None or _pool_size != threads:
-        _pool, _pool_size = ThreadPoolExecutor(threads), threads
+    pool = _get_pool(threads)
     bounds = [n * t // threads for t in range(threads + 1)]
-    list(_pool.map(lambda t: fn(*args, bounds[t], bounds[t + 1]), range(threads)))
+    list(pool.map(lambda t: fn(*args, bounds[t], bounds[t + 1]), range(threads)))
 
 
 def _run_trees(fn, B: int, M: int, *args) -> None:
     """Like :func:`_run` over [0, B*M) but splitting only between trees (the backward scatters into
     a tree's rows, so two threads must never share a tree)."""
-    global _pool, _pool_size
     threads = max(1, min(torch.get_num_threads(), B))
     if threads == 1 or B * M < 256:
         fn(*args, 0, B * M)
         return
-    if _pool is None or _pool_size != threads:
-        _pool, _pool_size = ThreadPoolExecutor(threads), threads
+    pool = _get_pool(threads)
     bounds = [(B * t // threads) * M for t in range(threads + 1)]
-    list(_pool.map(lambda t: fn(*args, bounds[t], bounds[t + 1]), range(threads)))
+    list(pool.map(lambda t: fn(*args, bounds[t], bounds[t + 1]), range(threads)))
 
 
 def _u8(mask: torch.Tensor | None) -> torch.Tensor | None:

@@ -270,3 +270,32 @@ def test_fused_training_aggregation_matches_autograd(n, b):
         torch.testing.assert_close(m, wm)
     for (name, _), got, want in zip(agg.named_parameters(), grads, ref_grads, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=lambda s, name=name: f"{name}: {s}")
+
+
+FORK_SCRIPT = """
+import os, sys, torch
+from tca_env import kernels
+from tests.test_kernels import random_kv
+torch.set_num_threads(2)
+kv, q = random_kv(300, 2, 16, B=6, M=200)
+want, _ = kernels.greedy_readout(kv, q)  # creates the thread pool in the parent
+pid = os.fork()
+if pid == 0:  # the child inherits the pool object but not its threads
+    got, _ = kernels.greedy_readout(kv, q)
+    os._exit(0 if torch.equal(got, want) else 3)
+_, status = os.waitpid(pid, 0)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_kernels_work_in_a_forked_child_after_threads_were_used():
+    """Run in a fresh interpreter (no other test's thread state), with a timeout: a child that reused
+    the parent's dead pool would hang."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    res = subprocess.run([sys.executable, "-c", FORK_SCRIPT], cwd=root, timeout=120, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
