@@ -1,18 +1,18 @@
-"""Optional fused CPU kernels for greedy TCA inference, compiled from ``csrc/kernels.c`` on first use.
+"""Optional fused CPU kernels for TCA, compiled from ``csrc/kernels.c`` on first use.
 
-Why: greedy inference with plain tensor ops is bandwidth-bound. Each level of the search gathers
-the children's key rows of every query into a fresh tensor, scores them, and the read-out gathers
-the keys and values of S again, so the same rows cross memory several times, and the attention
-inside the aggregator's tiny child sets costs a dozen elementwise passes. The C kernels do the whole
-greedy descent and read-out of one query while its rows are in cache (one pass, no temporaries), and
-the children's self-attention of one group the same way.
+Why: with plain tensor ops the tree search is bandwidth-bound (each level gathers the children's key
+rows of every query into a fresh tensor, and the read-out gathers S again), and the aggregator's
+tiny child sets turn one Transformer layer into dozens of elementwise passes. The kernels walk each
+query down the tree and attend over its S in one pass, with the forward and backward of the sampled
+search for training, and run the aggregator's elementwise work (children self-attention, layer
+norms, residual, masked means) as single passes between the layer's matrix products.
 
 How: the source is compiled once per machine with the system C compiler (``cc``, or ``$CC``) into a
 cache directory (``$TCA_KERNEL_CACHE``, default ``~/.cache/tca_env``), written atomically, and loaded
 with ctypes; calls release the GIL, so ranges of rows run on ``torch.get_num_threads()`` Python threads.
-Nothing here is required: without a compiler, with ``TCA_KERNELS=0``, under autograd, for tensors that
-are not float32 CPU tensors, the callers use the PyTorch code path (which also defines the results:
-tests/test_kernels.py compares the two).
+Nothing here is required: without a compiler, with ``TCA_KERNELS=0``, inside :func:`disabled`, or for
+tensors that are not float32 CPU tensors, the callers use the PyTorch code path (which also defines the
+results: tests/test_kernels.py compares the two, values and gradients).
 """
 
 from __future__ import annotations
@@ -66,25 +66,36 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("TCA_KERNEL_CACHE", Path.home() / ".cache" / "tca_env"))
 
 
+def _compile(compiler: str, flags: list[str]) -> Path:
+    """The shared library for these flags, from the cache or freshly built (atomically)."""
+    src = SOURCE.read_bytes()
+    key = hashlib.sha256(src + " ".join([compiler, *flags]).encode() + _cpu_id().encode()).hexdigest()[:16]
+    target = _cache_dir() / f"tca_kernels-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        res = subprocess.run([compiler, *flags, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True)
+        if res.returncode != 0:
+            raise RuntimeError(f"compiling {SOURCE.name} failed:\n{res.stderr[-2000:]}")
+        os.replace(tmp, target)  # atomic: a concurrent or interrupted build never leaves a partial file
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
 def _build() -> ctypes.CDLL:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if compiler is None:
         raise RuntimeError("no C compiler found (set CC or install gcc)")
-    src = SOURCE.read_bytes()
-    key = hashlib.sha256(src + " ".join([compiler, *FLAGS]).encode() + _cpu_id().encode()).hexdigest()[:16]
-    target = _cache_dir() / f"tca_kernels-{key}.so"
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-        os.close(fd)
-        try:
-            res = subprocess.run([compiler, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True)
-            if res.returncode != 0:
-                raise RuntimeError(f"compiling {SOURCE.name} failed:\n{res.stderr[-2000:]}")
-            os.replace(tmp, target)  # atomic: a concurrent or interrupted build never leaves a partial file
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+    try:
+        target = _compile(compiler, FLAGS)
+    except RuntimeError:
+        # some compilers / targets reject -march=native: retry with the generic instruction set
+        target = _compile(compiler, [f for f in FLAGS if f != "-march=native"])
     lib = ctypes.CDLL(str(target))
     lib.tca_greedy_readout.restype = _INT
     lib.tca_greedy_readout.argtypes = [_I64, _INT, _INT, _INT, _INT, _INT, _P, _P, _P, _P, _P, _P, _P, _P, _P,
