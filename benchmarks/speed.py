@@ -11,6 +11,7 @@ see LIVE_ENV).
     python benchmarks/speed.py --lengths 256 --repeats 5
 
 Timings are medians; compare ratios within one run (the machine is noisy). Nothing here asserts.
+Also draws speed.png (time and memory against L); ``--replot`` redraws it from speed.json.
 """
 
 from __future__ import annotations
@@ -116,6 +117,33 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def plot(results: dict, path: Path, title: str = "") -> None:
+    """Greedy inference time, training step and peak memory against L, one line per decoder (log-log)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("infer", "greedy inference (ms)"), ("train", "training step (ms)"), ("memory", "peak memory (MiB)")]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for ax, (key, label) in zip(axes, panels, strict=True):
+        for dec in DECODERS:
+            pts = [(int(L), per[dec][key]) for L, per in results.items() if per.get(dec, {}).get(key) is not None]
+            if pts:
+                ax.plot(*zip(*sorted(pts), strict=True), marker="o", label=dec)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length L")
+        ax.set_title(label)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lengths", type=int, nargs="+", default=[256, 1024, 4096], help="Sequence lengths L.")
@@ -128,8 +156,14 @@ def main() -> None:
     p.add_argument("--out", default="bench_out", help="Directory for speed.json and speed.md.")
     p.add_argument("--no-kernels", action="store_true",
                    help="Disable the fused C kernels (TCA_KERNELS=0): time the pure PyTorch code paths.")
+    p.add_argument("--replot", action="store_true", help="Only redraw speed.png from the speed.json in --out.")
     p.add_argument("--worker", nargs=3, metavar=("DECODER", "L", "WHAT"), help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.replot:
+        data = json.loads((Path(args.out) / "speed.json").read_text())
+        kind = "fused kernels" if data["meta"].get("kernels", True) else "PyTorch path"
+        plot(data["results"], Path(args.out) / "speed.png", f"copy-task model, batch 16, one thread ({kind})")
+        return
     if args.worker:
         dec, L, what = args.worker
         print(json.dumps(worker(dec, int(L), what, args.batch, args.iters, args.threads)))
@@ -157,6 +191,8 @@ def main() -> None:
             "kernels": not args.no_kernels}
     (out / "speed.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     (out / "speed.md").write_text(table(results) + "\n")
+    kind = "PyTorch path" if args.no_kernels else "fused kernels"
+    plot(results, out / "speed.png", f"copy-task model, batch 16, one thread ({kind})")
     print(table(results))
 
 
