@@ -493,7 +493,7 @@ class ReTreever(nn.Module):
         del enc  # tree.tokens holds the (ordered) encodings
         shape = tree.shape
         levels = range(1, shape.k + 1)
-        node_masks = [None if bool((shape.counts(lvl) > 0).all()) else tree.node_mask[lvl] for lvl in levels]
+        node_masks = [tree.node_mask[lvl] if shape.padded(lvl) else None for lvl in levels]
         tok_mask = None if shape.n == shape.num_slots else tree.token_mask
         B, step = query_emb.shape[0], max(1, self.fused_chunk_slots // shape.num_slots)
         out = None

@@ -59,7 +59,7 @@ class TreeKV:
             kv = [project(tree.nodes[level]) for level in range(1, shape.k + 1)]
         tk, tv = project(tree.tokens) if tok_kv is None else tok_kv
         # Padding depends only on N: levels without any (all of them when N = P * b^k) keep no mask.
-        masks = [None if bool((shape.counts(lvl) > 0).all()) else tree.node_mask[lvl] for lvl in range(1, shape.k + 1)]
+        masks = [tree.node_mask[lvl] if shape.padded(lvl) else None for lvl in range(1, shape.k + 1)]
         tok_mask = None if shape.n == shape.num_slots else tree.token_mask
         return cls(shape, [k for k, _ in kv], [v for _, v in kv], masks, tk, tv, tok_mask)
 

@@ -83,6 +83,12 @@ class TreeShape:
         """Real tokens under each node of ``level`` (0 = root, k = leaf buckets): ``[b^level]``."""
         return torch.tensor(_layout(self.n, self.b)[0][level])
 
+    def padded(self, level: int) -> bool:
+        """Whether ``level`` (0..k nodes, k+1 the token slots) has padded entries (a function of N alone)."""
+        if level > self.k:
+            return self.n != self.num_slots
+        return 0 in _layout(self.n, self.b)[0][level]
+
     def slot_index(self, device: torch.device | str = "cpu") -> torch.Tensor:
         """Padded slot of the t-th ordered token: ``[N]`` long."""
         return torch.tensor(_layout(self.n, self.b)[1], device=device)
@@ -229,25 +235,25 @@ class Aggregator(nn.Module):
 
         Exact rewrites (equal up to float rounding; tests/test_kernels.py checks): the masked mean is
         taken before the feed-forward's second linear map (mean_i (W r_i + c) = W mean_i r_i + c,
-        which halves that product for b = 2); the children's self-attention runs in the fused C kernel
-        when available (tca_env.kernels); and groups are processed in chunks of ``chunk_groups``.
+        which halves that product for b = 2); groups are processed in chunks of ``chunk_groups``; and
+        with the kernels (tca_env.kernels) everything but the four matrix products runs as C passes.
         """
         from . import kernels
 
         G, c, D = x.shape
         node = x.new_empty(G, D)
-        use_c = kernels.usable(x)
+        fused = kernels.usable(x)  # the elementwise passes in C, the four matrix products in PyTorch
+        x = x.contiguous()
         w_all = None
         if mask is not None:
             w_all = mask.to(x.dtype)
             w_all = w_all / w_all.sum(1, keepdim=True).clamp_min(1.0)  # [G, c]: masked mean weights
         W2, b2 = self.ff[3].weight, self.ff[3].bias
-        fused = use_c and isinstance(self.ff[1], nn.ReLU) and x.is_contiguous()
         for g0 in range(0, G, self.chunk_groups):
             g1 = min(G, g0 + self.chunk_groups)
             xc = x[g0:g1]
             m = None if mask is None else mask[g0:g1]
-            if fused:  # the elementwise passes in C, the four matrix products in PyTorch
+            if fused:
                 rows = xc.reshape(-1, D)
                 qkv = F.linear(kernels.layer_norm(rows, self.norm1), self.qkv.weight, self.qkv.bias)
                 att = kernels.group_attention(qkv.view(g1 - g0, c, 3, self.nhead, self.dh), m, self.dh**-0.5)
@@ -260,10 +266,7 @@ class Aggregator(nn.Module):
                 out += b2 if w is None else w.sum(1, keepdim=True) * b2
                 continue
             qkv = self.qkv(self.norm1(xc))  # [g, c, 3D]
-            if use_c:
-                att = kernels.group_attention(qkv.view(g1 - g0, c, 3, self.nhead, self.dh), m, self.dh**-0.5)
-            else:
-                att = self._attend(qkv, m)
+            att = self._attend(qkv, m)
             del qkv
             h = self.out(att.view(g1 - g0, c, D)).add_(xc)  # [g, c, D]
             del att
@@ -350,7 +353,7 @@ def build_tree(enc: torch.Tensor, b: int, aggregator: Aggregator, ordering: str 
             and fused_tree.usable(aggregator, tokens):
         # Training with detached levels: one autograd node for the whole aggregation (fused_tree.py).
         tmask = None if N == shape.num_slots else token_mask.reshape(B * b**k, P)
-        pad = [not bool((shape.counts(lvl) > 0).all()) for lvl in range(1, k + 1)]
+        pad = [shape.padded(lvl) for lvl in range(1, k + 1)]
         all_nodes, all_mask = fused_tree.FusedAggregation.apply(
             aggregator, tokens.detach(), tmask, pad, b, k, *fused_tree.aggregator_params(aggregator))
         off = fused_tree.level_offsets([B * b**lvl for lvl in range(k + 1)])
@@ -369,5 +372,5 @@ def build_tree(enc: torch.Tensor, b: int, aggregator: Aggregator, ordering: str 
         nodes[level], masks[level] = node.reshape(B, b**level, D), nm.reshape(B, b**level)
         if level > 0:
             x = node.reshape(B * b ** (level - 1), b, D)
-            m = None if bool((shape.counts(level) > 0).all()) else nm.reshape(B * b ** (level - 1), b)
+            m = nm.reshape(B * b ** (level - 1), b) if shape.padded(level) else None
     return Tree(shape, tokens, token_mask, nodes, masks, perm)

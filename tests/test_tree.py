@@ -168,3 +168,14 @@ def test_bptt_controls_gradient_into_encodings():
     assert agg.qkv.weight.grad is not None and agg.qkv.weight.grad.abs().sum() > 0
     build_tree(enc, 2, agg, bptt=True).nodes[1].sum().backward()
     assert enc.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 17, 128, 1000])
+@pytest.mark.parametrize("b", [2, 3, 4])
+def test_padded_levels_match_the_masks(n, b):
+    """TreeShape.padded(level) says whether a level holds padded entries; check it against the masks of
+    a built tree (levels 0..k) and the token mask (level k+1)."""
+    tree = make_tree(n, b)
+    for level in range(tree.shape.k + 1):
+        assert tree.shape.padded(level) == (not bool(tree.node_mask[level].all()))
+    assert tree.shape.padded(tree.shape.k + 1) == (not bool(tree.token_mask.all()))
