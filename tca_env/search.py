@@ -163,10 +163,14 @@ def choose(log_probs: torch.Tensor, mode: str, generator: torch.Generator | None
         return log_probs.argmax(-1)
     if mode != "sample":
         raise ValueError(f"unknown search mode {mode!r}; choose one of {SEARCH_MODES}")
-    dev = generator.device if generator is not None else log_probs.device
-    u = torch.rand(log_probs.shape, generator=generator, device=dev, dtype=log_probs.dtype).to(log_probs.device)
-    gumbel = -torch.log(-torch.log(u.clamp(torch.finfo(u.dtype).tiny, 1.0)))
-    return (log_probs.detach() + gumbel).argmax(-1)
+    return (log_probs.detach() + gumbel_noise(log_probs.shape, log_probs, generator)).argmax(-1)
+
+
+def gumbel_noise(shape: tuple[int, ...], like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Standard Gumbel samples of ``shape`` (drawn on the generator's device, returned on ``like``'s)."""
+    dev = generator.device if generator is not None else like.device
+    u = torch.rand(shape, generator=generator, device=dev, dtype=like.dtype).to(like.device)
+    return -torch.log(-torch.log(u.clamp(torch.finfo(u.dtype).tiny, 1.0)))
 
 
 @dataclass
@@ -377,11 +381,8 @@ def search_readout(kv: TreeKV, q: torch.Tensor, mode: str = "sample", actions: t
         B, M = q.shape[:2]
         b, k = kv.shape.b, kv.shape.k
         gumbel = None
-        if mode == "sample" and actions is None and k > 0:
-            dev = generator.device if generator is not None else q.device
-            u = torch.stack([torch.rand((B, M, b), generator=generator, device=dev, dtype=q.dtype)
-                             for _ in range(k)], dim=2).to(q.device)
-            gumbel = -torch.log(-torch.log(u.clamp(torch.finfo(u.dtype).tiny, 1.0)))
+        if mode == "sample" and actions is None and k > 0:  # level by level, in choose()'s order
+            gumbel = torch.stack([gumbel_noise((B, M, b), q, generator) for _ in range(k)], dim=2)
         attn, path, log_prob, ent = kernels.search_readout(kv, q, gumbel, actions)
         return attn, Descent(path, log_prob, ent, [], b)
     d = descend(kv, q, mode, actions, generator)
