@@ -397,7 +397,7 @@ typedef struct {
     float *sc, *p, *lp;    /* [k][b][H], [k][b][H], [k][b] */
     float *lg, *w;         /* [nS][H] */
     uint8_t *real;         /* [nS] */
-    int64_t *krow, *vrow;  /* [nS] row index in the entry's table */
+    int64_t *row;          /* [nS] row of the entry in its key and value tables */
     int *level;            /* [nS] step s for siblings, -1 for tokens */
     int *child;            /* [nS] child position for siblings */
 } Work;
@@ -411,15 +411,14 @@ static Work work_alloc(int b, int k, int H, int nS) {
     w.lg = malloc(sizeof(float) * (size_t)nS * H);
     w.w = malloc(sizeof(float) * (size_t)nS * H);
     w.real = malloc((size_t)nS);
-    w.krow = malloc(sizeof(int64_t) * (size_t)nS);
-    w.vrow = malloc(sizeof(int64_t) * (size_t)nS);
+    w.row = malloc(sizeof(int64_t) * (size_t)nS);
     w.level = malloc(sizeof(int) * (size_t)nS);
     w.child = malloc(sizeof(int) * (size_t)nS);
     return w;
 }
 
 static void work_free(Work *w) {
-    free(w->sc); free(w->p); free(w->lp); free(w->lg); free(w->w); free(w->real); free(w->krow); free(w->vrow);
+    free(w->sc); free(w->p); free(w->lp); free(w->lg); free(w->w); free(w->real); free(w->row);
     free(w->level); free(w->child);
 }
 
@@ -466,7 +465,7 @@ static inline __attribute__((always_inline)) void walk(int64_t i, int64_t M, int
             if (c == a) continue;
             W->real[n] = !mk || mk[c];
             for (int h = 0; h < H; h++) W->lg[n * H + h] = sc[c * H + h];
-            W->krow[n] = W->vrow[n] = first + c;
+            W->row[n] = first + c;
             W->level[n] = s;
             W->child[n] = c;
             n++;
@@ -478,7 +477,7 @@ static inline __attribute__((always_inline)) void walk(int64_t i, int64_t M, int
     for (int t = 0; t < P; t++, n++) {
         W->real[n] = !tok_mask || tok_mask[tfirst + t];
         head_dots(qi, tok_k + (tfirst + t) * D, H, dh, W->lg + n * H);
-        W->krow[n] = W->vrow[n] = tfirst + t;
+        W->row[n] = tfirst + t;
         W->level[n] = -1;
         W->child[n] = t;
     }
@@ -500,7 +499,7 @@ search_readout_fwd(int64_t M, int H, int dh, int b, int k, int P, const float *q
         for (int t = 0; t < D; t++) o[t] = 0.0f;
         for (int e = 0; e < nS; e++) {
             if (!W.real[e]) continue;
-            const float *v = (W.level[e] < 0 ? tok_v : values[W.level[e]]) + W.vrow[e] * D;
+            const float *v = (W.level[e] < 0 ? tok_v : values[W.level[e]]) + W.row[e] * D;
             for (int h = 0; h < H; h++) {
                 const float a = W.w[e * H + h];
                 axpy(a, v + h * dh, o + h * dh, dh);
@@ -535,7 +534,7 @@ search_readout_bwd(int64_t M, int H, int dh, int b, int k, int P, const float *q
             float dot_go = 0.0f; /* sum_e w_eh <g_h, v_eh> */
             for (int e = 0; e < nS; e++) {
                 if (!W.real[e]) { dl[e * H + h] = 0.0f; continue; }
-                const float *v = (W.level[e] < 0 ? tok_v : values[W.level[e]]) + W.vrow[e] * D + h * dh;
+                const float *v = (W.level[e] < 0 ? tok_v : values[W.level[e]]) + W.row[e] * D + h * dh;
                 const float da = dot(go + h * dh, v, dh);
                 dl[e * H + h] = da;
                 dot_go += W.w[e * H + h] * da;
@@ -544,14 +543,14 @@ search_readout_bwd(int64_t M, int H, int dh, int b, int k, int P, const float *q
         }
         for (int e = 0; e < nS; e++) {
             if (!W.real[e]) continue;
-            float *dv = (W.level[e] < 0 ? dtok_v : dvalues[W.level[e]]) + W.vrow[e] * D;
+            float *dv = (W.level[e] < 0 ? dtok_v : dvalues[W.level[e]]) + W.row[e] * D;
             for (int h = 0; h < H; h++) {
                 const float a = W.w[e * H + h];
                 axpy(a, go + h * dh, dv + h * dh, dh);
             }
             if (W.level[e] < 0) { /* token key: its score's gradient goes to the key and the query here */
-                const float *kr = tok_k + W.krow[e] * D;
-                float *dk = dtok_k + W.krow[e] * D;
+                const float *kr = tok_k + W.row[e] * D;
+                float *dk = dtok_k + W.row[e] * D;
                 for (int h = 0; h < H; h++) {
                     const float g = dl[e * H + h];
                     axpy(g, qi + h * dh, dk + h * dh, dh);
