@@ -329,6 +329,40 @@ static inline __attribute__((always_inline)) void
 group_attention(int c, int H, int dh, float scale, const float *qkv, const uint8_t *mask, float *out, int64_t start,
                 int64_t end) {
     const int D = H * dh;
+    if (c == 2 && !mask && dh == 16 && H % 4 == 0 && H <= 64) {
+        /* two children, no padding (the binary tree's usual case): out_i = v_1 + sigmoid(s_i0 - s_i1) (v_0 - v_1)
+         * per head, with the sigmoids of 16 (group, child, head) triples at a time */
+        const int per = 2 * H;                /* sigmoids per group */
+        const int gb = per >= 16 ? 1 : 16 / per; /* groups per vector of 16 */
+        float d[16 * 64], tmp[4];
+        for (int64_t g0 = start; g0 < end; g0 += gb) {
+            const int ng = end - g0 < gb ? (int)(end - g0) : gb;
+            for (int j = 0; j < ng; j++) {
+                const float *base = qkv + (g0 + j) * 6 * (int64_t)D;
+                for (int i = 0; i < 2; i++) {
+                    const float *qi = base + (int64_t)i * 3 * D;
+                    for (int h = 0; h < H; h += 4) {
+                        float s0[4];
+                        head_dots(qi + h * 16, base + D + h * 16, 4, 16, s0);
+                        head_dots(qi + h * 16, base + 4 * D + h * 16, 4, 16, tmp);
+                        for (int t = 0; t < 4; t++) d[j * per + i * H + h + t] = scale * (s0[t] - tmp[t]);
+                    }
+                }
+            }
+            sigmoid_array(d, ng * per);
+            for (int j = 0; j < ng; j++) {
+                const float *base = qkv + (g0 + j) * 6 * (int64_t)D;
+                for (int i = 0; i < 2; i++) {
+                    float *oi = out + ((g0 + j) * 2 + i) * (int64_t)D;
+                    for (int h = 0; h < H; h++) {
+                        const v16 v0 = ld16(base + 2 * D + h * 16), v1 = ld16(base + 5 * D + h * 16);
+                        *(v16u *)(oi + h * 16) = v1 + d[j * per + i * H + h] * (v0 - v1);
+                    }
+                }
+            }
+        }
+        return;
+    }
     float *sc = malloc(sizeof(float) * (size_t)c * H); /* scores of one query child over the c keys */
     for (int64_t g = start; g < end; g++) {
         const float *base = qkv + g * (int64_t)c * 3 * D;
