@@ -288,9 +288,10 @@ class ReTreever(nn.Module):
         if c.head == "class" and batch.yt.dtype != torch.long:
             raise ValueError(f"classification targets must be long class indices; got {batch.yt.dtype}")
 
-    def encode_context(self, batch: Batch) -> torch.Tensor:
-        """Context encodings ``[B, N, D]``."""
-        self._check(batch)
+    def encode_context(self, batch: Batch, check: bool = True) -> torch.Tensor:
+        """Context encodings ``[B, N, D]`` (``check=False``: the batch was validated already)."""
+        if check:
+            self._check(batch)
         x = batch.xc if batch.yc is None else torch.cat([batch.xc, batch.yc], -1)
         h = self.ctx_embed(x)  # [B, N, D]
         if self.cfg.sequential:
@@ -488,7 +489,7 @@ class ReTreever(nn.Module):
         self._check(batch)
         # Queries first: the embedders' temporaries are then never alive next to the tree (the peak).
         query_emb = self.embed_queries(batch)
-        enc = self.encode_context(batch)
+        enc = self.encode_context(batch, check=False)
         tree = build_tree(enc, c.branch, self.aggregator, c.ordering, batch.xc, c.coord, c.bptt)
         del enc  # tree.tokens holds the (ordered) encodings
         shape = tree.shape
