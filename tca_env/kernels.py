@@ -357,20 +357,21 @@ class GroupAttention(torch.autograd.Function):
         return group_attention_backward(qkv, ctx.mask, ctx.scale, g_out), None, None
 
 
-def layer_norm(x: torch.Tensor, norm: torch.nn.LayerNorm) -> torch.Tensor:
-    """``norm(x)`` for contiguous ``x [R, D]`` (no autograd)."""
-    y = torch.empty_like(x)
+def layer_norm(x: torch.Tensor, norm: torch.nn.LayerNorm, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``norm(x)`` for contiguous ``x [R, D]`` (no autograd), into ``out`` when given."""
+    y = _out(out, x, *x.shape)
     _run(library().tca_norm_rows, x.shape[0], x.shape[1], _ptr(x), _ptr(norm.weight), _ptr(norm.bias), norm.eps,
          _ptr(y), None)
     return y
 
 
 def residual_ln_mean(o: torch.Tensor, x: torch.Tensor, norm: torch.nn.LayerNorm, w: torch.Tensor | None,
-                     c: int) -> tuple[torch.Tensor, torch.Tensor]:
+                     c: int, out: torch.Tensor | None = None,
+                     out_mean: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """In one pass over rows ``[G*c, D]``: ``o += x``; returns ``norm(o)`` and the per-group weighted sum of
-    ``o`` (``w [G, c]`` masked-mean weights, None: the mean)."""
+    ``o`` (``w [G, c]`` masked-mean weights, None: the mean), into ``out`` / ``out_mean`` when given."""
     R, D = o.shape
-    y, hm = torch.empty_like(o), o.new_empty(R // c, D)
+    y, hm = _out(out, o, R, D), _out(out_mean, o, R // c, D)
     wc = None if w is None else w.contiguous()
     _run(library().tca_residual_norm_mean, R // c, c, D, _ptr(o), _ptr(x), _ptr(norm.weight), _ptr(norm.bias),
          norm.eps, _ptr(wc), _ptr(y), None, _ptr(hm))

@@ -170,15 +170,17 @@ class Aggregator(nn.Module):
                                 nn.Linear(dim_ff, d_model))
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None,
+                workspace: dict | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x ``[G, c, D]`` groups of c children, mask ``[G, c]`` -> node ``[G, D]``, node mask ``[G]``.
 
         ``mask=None`` means every child is real (node mask None). Without autograd (and without active
-        dropout) the layer runs :meth:`_forward_inference` on cache-sized chunks of groups.
+        dropout) the layer runs :meth:`_forward_inference` on cache-sized chunks of groups; ``workspace``
+        (a dict, e.g. one per tree) lets successive calls reuse its buffers.
         """
         if not (torch.is_grad_enabled() and (x.requires_grad or self.qkv.weight.requires_grad)) \
                 and (not self.training or self.drop.p == 0):
-            return self._forward_inference(x, mask)
+            return self._forward_inference(x, mask, workspace)
         from . import kernels
 
         if self.drop.p == 0 and kernels.usable(x.detach()):
@@ -229,14 +231,16 @@ class Aggregator(nn.Module):
     chunk_groups = 1024
 
     @torch.no_grad()
-    def _forward_inference(self, x: torch.Tensor,
-                           mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _forward_inference(self, x: torch.Tensor, mask: torch.Tensor | None,
+                           workspace: dict | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The same layer and masked mean without autograd, restructured for speed and memory.
 
         Exact rewrites (equal up to float rounding; tests/test_kernels.py checks): the masked mean is
         taken before the feed-forward's second linear map (mean_i (W r_i + c) = W mean_i r_i + c,
         which halves that product for b = 2); groups are processed in chunks of ``chunk_groups``; and
-        with the kernels (tca_env.kernels) everything but the four matrix products runs as C passes.
+        with the kernels (tca_env.kernels) everything but the four matrix products runs as C passes,
+        writing into buffers reused by every chunk (and, through ``workspace``, every level): fresh
+        multi-MiB temporaries per chunk cost more in page faults than the passes themselves.
         """
         from . import kernels
 
@@ -255,14 +259,19 @@ class Aggregator(nn.Module):
             m = None if mask is None else mask[g0:g1]
             if fused:
                 rows = xc.reshape(-1, D)
-                qkv = F.linear(kernels.layer_norm(rows, self.norm1), self.qkv.weight, self.qkv.bias)
-                att = kernels.group_attention(qkv.view(g1 - g0, c, 3, self.nhead, self.dh), m, self.dh**-0.5)
-                h = F.linear(att.view(-1, D), self.out.weight, self.out.bias)
+                R, g = rows.shape[0], g1 - g0
+                buf = self._buffers_for(workspace, R, g, x)
+                y1 = kernels.layer_norm(rows, self.norm1, out=buf["y"][:R])
+                qkv = torch.addmm(self.qkv.bias, y1, self.qkv.weight.t(), out=buf["qkv"][:R])
+                att = kernels.group_attention(qkv.view(g, c, 3, self.nhead, self.dh), m, self.dh**-0.5,
+                                              out=buf["att"][:R])
+                h = torch.addmm(self.out.bias, att.view(R, D), self.out.weight.t(), out=buf["h"][:R])
                 w = None if w_all is None else w_all[g0:g1]
-                y2, hm = kernels.residual_ln_mean(h, rows, self.norm2, w, c)
-                rm = kernels.relu_mean(F.linear(y2, self.ff[0].weight, self.ff[0].bias), w, c)
-                del qkv, att, h, y2
-                out = torch.addmm(hm, rm, W2.t(), out=node[g0:g1])
+                out = node[g0:g1]
+                y2, _ = kernels.residual_ln_mean(h, rows, self.norm2, w, c, out=buf["y"][:R], out_mean=out)
+                r = torch.addmm(self.ff[0].bias, y2, self.ff[0].weight.t(), out=buf["r"][:R])
+                rm = kernels.relu_mean(r, w, c, out=buf["rm"][:g])
+                out.addmm_(rm, W2.t())  # node = mean h + W2 mean r (+ b2 below)
                 out += b2 if w is None else w.sum(1, keepdim=True) * b2
                 continue
             qkv = self.qkv(self.norm1(xc))  # [g, c, 3D]
@@ -280,6 +289,18 @@ class Aggregator(nn.Module):
             out = torch.addmm(hm, rm, W2.t(), out=node[g0:g1])
             out += b2 if wsum is None else wsum * b2  # a fully padded group stays exactly 0
         return node, None if mask is None else mask.any(1)
+
+    def _buffers_for(self, workspace: dict | None, rows: int, groups: int, like: torch.Tensor) -> dict:
+        """Buffers for one chunk of the C inference path, taken from ``workspace`` when they are big enough."""
+        ws = {} if workspace is None else workspace
+        D, Fd = like.shape[-1], self.ff[0].out_features
+        if ws.get("rows", 0) < rows or ws.get("groups", 0) < groups or ws["y"].dtype != like.dtype \
+                or ws["y"].device != like.device:
+            rows, groups = max(rows, ws.get("rows", 0)), max(groups, ws.get("groups", 0))
+            ws.update(rows=rows, groups=groups, y=like.new_empty(rows, D), qkv=like.new_empty(rows, 3 * D),
+                      att=like.new_empty(rows, D), h=like.new_empty(rows, D), r=like.new_empty(rows, Fd),
+                      rm=like.new_empty(groups, Fd))
+        return ws
 
     def _attend(self, qkv: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """PyTorch version of kernels.group_attention: ``[g, c, 3D]`` -> ``[g, c, H, dh]``."""
@@ -365,8 +386,9 @@ def build_tree(enc: torch.Tensor, b: int, aggregator: Aggregator, ordering: str 
     m = None if N == shape.num_slots else token_mask.reshape(B * b**k, P)
     nodes: list[torch.Tensor] = [enc.new_empty(0)] * (k + 1)
     masks: list[torch.Tensor] = [token_mask.new_empty(0)] * (k + 1)
+    workspace: dict = {}  # buffers of the no-grad aggregator, shared by the levels
     for level in range(k, -1, -1):
-        node, nm = aggregator(x if bptt else x.detach(), m)  # [B*b^level, D]
+        node, nm = aggregator(x if bptt else x.detach(), m, workspace)  # [B*b^level, D]
         if nm is None:
             nm = torch.ones(B * b**level, dtype=torch.bool, device=enc.device)
         nodes[level], masks[level] = node.reshape(B, b**level, D), nm.reshape(B, b**level)
