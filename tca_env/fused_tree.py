@@ -58,7 +58,7 @@ class FusedAggregation(torch.autograd.Function):
         new = tokens.new_empty
         XH1, XH2, ATT = new(R, D), new(R, D), new(R, D)
         QKV, RL = new(R, 3 * D), new(R, Fd)
-        RS1, RS2 = new(R), new(R)
+        RS2 = new(R)  # the first norm's 1/std is not needed: its input is detached
         RM = new(G, Fd)
         all_nodes = new(G, D)
         node_mask = torch.ones(G, dtype=torch.bool, device=tokens.device)
@@ -84,7 +84,7 @@ class FusedAggregation(torch.autograd.Function):
                 node_mask[g0:g1_] = m.any(1)
                 w_row[r0:r1] = w.reshape(-1)
                 wsum[g0:g1_] = w.sum(1, keepdim=True)
-            kernels.normalize(x, agg.norm1.eps, XH1[r0:r1], RS1[r0:r1])
+            kernels.normalize(x, agg.norm1.eps, XH1[r0:r1])
             torch.addmm(bqkv_f, XH1[r0:r1], wqkv_f.t(), out=QKV[r0:r1])
             kernels.group_attention(QKV[r0:r1].view(Gl, c, 3, H, dh), m, dh**-0.5, out=ATT[r0:r1])
             h = F.linear(ATT[r0:r1], wo, bo)

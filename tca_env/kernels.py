@@ -388,8 +388,8 @@ def relu_mean(r: torch.Tensor, w: torch.Tensor | None, c: int, out: torch.Tensor
     return rm
 
 
-def normalize(x: torch.Tensor, eps: float, xh: torch.Tensor, rstd: torch.Tensor) -> None:
-    """Rows of ``x [R, D]`` normalised without affine into ``xh``, with ``rstd [R]`` (no autograd)."""
+def normalize(x: torch.Tensor, eps: float, xh: torch.Tensor, rstd: torch.Tensor | None = None) -> None:
+    """Rows of ``x [R, D]`` normalised without affine into ``xh`` (and ``1/std`` into ``rstd [R]`` when given)."""
     x = x.contiguous()
     _run(library().tca_norm_rows, x.shape[0], x.shape[1], _ptr(x), None, None, eps, _ptr(xh), _ptr(rstd))
 

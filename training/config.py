@@ -118,6 +118,13 @@ class TrainConfig:
         return self
 
 
+def _cpu_preset(task: str, steps: int, eval_size: int = 1000, eval_batch: int = 16) -> dict[str, Any]:
+    """The "cpu" preset of the encoder tasks: a 2-layer encoder, batch 16, evaluation and a checkpoint
+    halfway and at the end."""
+    return dict(enc_layers=2, steps=steps, batch_size=16, eval_every=steps // 2, eval_size=eval_size,
+                eval_batch=eval_batch, ckpt_every=steps // 2, run_dir=f"runs/{task}-cpu")
+
+
 # Presets per task. "cpu": what we ship and measured on a 2-core CPU; "paper": the paper's protocol.
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "copy": {
@@ -134,29 +141,25 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # that one run takes a few minutes on one CPU thread (benchmarks/reproduce.py runs the grid).
     # Evaluation batches of 16 follow the paper's GP protocol (one N per batch, 3,000 batches of 16).
     "gp": {
-        "cpu": dict(enc_layers=2, steps=4000, batch_size=16, eval_every=2000, eval_size=3000, eval_batch=16,
-                    ckpt_every=2000, run_dir="runs/gp-cpu"),
+        "cpu": _cpu_preset("gp", 4000, eval_size=3000),
         "paper": dict(enc_layers=6, steps=100_000, batch_size=16, eval_every=10_000, eval_size=48_000,
                       eval_batch=16, ckpt_every=5000, run_dir="runs/gp-paper"),
     },
     # PAPER.md gives no image budget; "paper" is our reading of the TNP protocol the paper builds on (200
     # epochs at batch 100), as steps on EMNIST's 24,000 training digits (48,000) and CelebA's 162,770 faces.
     "mnist": {
-        "cpu": dict(enc_layers=2, steps=2000, batch_size=16, eval_every=1000, eval_size=1000, eval_batch=16,
-                    ckpt_every=1000, run_dir="runs/mnist-cpu"),
+        "cpu": _cpu_preset("mnist", 2000),
         "paper": dict(enc_layers=6, steps=48_000, batch_size=100, eval_every=5000, eval_size=5000, eval_batch=100,
                       ckpt_every=5000, run_dir="runs/mnist-paper"),
     },
     "faces": {
-        "cpu": dict(enc_layers=2, steps=2000, batch_size=16, eval_every=1000, eval_size=1000, eval_batch=16,
-                    ckpt_every=1000, run_dir="runs/faces-cpu"),
+        "cpu": _cpu_preset("faces", 2000),
         "paper": dict(enc_layers=6, steps=325_540, batch_size=100, eval_every=20_000, eval_size=5000,
                       eval_batch=100, ckpt_every=5000, run_dir="runs/faces-paper"),
     },
     # PAPER.md gives no activity budget either; "paper" reuses the GP budget with the paper's model.
     "activity": {
-        "cpu": dict(enc_layers=2, steps=3000, batch_size=16, eval_every=1500, eval_size=1000, eval_batch=100,
-                    ckpt_every=1500, run_dir="runs/activity-cpu"),
+        "cpu": _cpu_preset("activity", 3000, eval_batch=100),
         "paper": dict(enc_layers=6, steps=100_000, batch_size=16, eval_every=10_000, eval_size=5000,
                       eval_batch=100, ckpt_every=5000, run_dir="runs/activity-paper"),
     },
