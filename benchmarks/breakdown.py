@@ -143,7 +143,13 @@ def main() -> None:
 
     up_nodes = [(rand_like(k), rand_like(v)) for k, v in zip(ref_kv.keys, ref_kv.values, strict=True)]
 
+    def fresh_grads(*tensors):  # as after optimizer.zero_grad(): backward assigns instead of accumulating
+        tca.zero_grad(set_to_none=True)
+        for t in tensors:
+            t.grad = None
+
     def tree_part():  # aggregation of every level + node keys/values, forward and backward
+        fresh_grads()
         tree = build_tree(enc, c.branch, tca.aggregator, c.ordering, data.xc, c.coord, c.bptt)
         kv = S.TreeKV.from_tree(tree, tca.readout.keys_values, (ref_kv.tok_keys, ref_kv.tok_values))
         loss = sum((k * gk).sum() + (v * gv).sum() for (k, v), (gk, gv) in zip(
@@ -154,6 +160,7 @@ def main() -> None:
     up_attn, sgen = rand_like(attn0), torch.Generator().manual_seed(2)
 
     def search_part():  # sampled search + read-out over S with log-prob and entropy, forward and backward
+        fresh_grads(*leaf)
         k = ref_kv.shape.k
         kv = S.TreeKV(ref_kv.shape, leaf[3:3 + k], leaf[3 + k:], ref_kv.masks, leaf[1], leaf[2], ref_kv.tok_mask)
         attn, d = S.search_readout(kv, leaf[0], "sample", None, sgen)
@@ -162,6 +169,7 @@ def main() -> None:
     x_in, a_in = qe.detach().requires_grad_(), attn0.detach().requires_grad_()
 
     def readout_part():  # one read-out's residual + feed-forward + head + loss, forward and backward
+        fresh_grads(x_in, a_in)
         out = tca.head(tca.readout.finish(x_in, a_in))
         tca.head.loss(out, data.yt).mean().backward()
 
