@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -53,8 +54,6 @@ def test_tree_flop_count_matches_counted_products(n, b):
 
 def test_breakdown_runs_and_writes_its_tables(tmp_path):
     mod = load_breakdown()
-    import sys
-
     argv = sys.argv
     sys.argv = ["breakdown.py", "--infer-len", "32", "--train-len", "32", "--batch", "2", "--repeats", "1",
                 "--out", str(tmp_path)]
