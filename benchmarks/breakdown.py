@@ -104,12 +104,12 @@ def main() -> None:
             torch.manual_seed(0)
             m = ReTreever(ModelConfig.for_task(task, decoder=dec, encoder="constant", dropout=0.1))
             out[dec] = m.train(train)
-        return task, out, task.sample(args.batch, torch.Generator().manual_seed(0))
+        return out, task.sample(args.batch, torch.Generator().manual_seed(0))
 
     res: dict = {"meta": vars(args) | {"kernels": kernels.library() is not None}}
 
     # ------------------------------------------------------------------ greedy inference
-    _, ms, data = models(args.infer_len, train=False)
+    ms, data = models(args.infer_len, train=False)
     inf = interleave({d: (lambda m=m: m.predict(data)) for d, m in ms.items()}, args.repeats)
     inf["ratio"] = inf["tca"]["ms"] / inf["ca"]["ms"]
     res["infer"] = inf
@@ -117,7 +117,7 @@ def main() -> None:
           f"ratio {inf['ratio']:.3f}", flush=True)
 
     # ------------------------------------------------------------------ training step
-    _, ms, data = models(args.train_len, train=True)
+    ms, data = models(args.train_len, train=True)
     opts = {d: torch.optim.Adam(m.parameters(), 5e-4) for d, m in ms.items()}
     gens = {d: torch.Generator().manual_seed(0) for d in ms}
 
@@ -173,15 +173,14 @@ def main() -> None:
         out = tca.head(tca.readout.finish(x_in, a_in))
         tca.head.loss(out, data.yt).mean().backward()
 
-    tr = interleave({"tca": lambda: step("tca"), "ca": lambda: step("ca"), "tree + node K/V": tree_part,
-                     "search + read-out over S": search_part, "second read-out + head + loss": readout_part},
-                    args.repeats)
+    pieces = {"tree + node K/V": tree_part, "search + read-out over S": search_part,
+              "second read-out + head + loss": readout_part}
+    tr = interleave({"tca": lambda: step("tca"), "ca": lambda: step("ca"), **pieces}, args.repeats)
     rate = matmul_gflops()
     floor_ms = tree_train_flops(ref_tree.shape, args.batch, c.d_model, c.dim_ff) / rate / 1e6
     extra = tr["tca"]["ms"] - tr["ca"]["ms"]
-    parts = ("tree + node K/V", "search + read-out over S", "second read-out + head + loss")
     tr.update(ratio=tr["tca"]["ms"] / tr["ca"]["ms"], extra_ms=extra, matmul_gflops=rate, tree_floor_ms=floor_ms,
-              rest_ms=extra - sum(tr[k]["ms"] for k in parts))
+              rest_ms=extra - sum(tr[k]["ms"] for k in pieces))
     res["train"] = tr
     print(f"training L={args.train_len}: tca {tr['tca']['ms']:.1f} ms, ca {tr['ca']['ms']:.1f} ms, "
           f"ratio {tr['ratio']:.3f}", flush=True)
@@ -195,7 +194,7 @@ def main() -> None:
              f"**{tr['ratio']:.2f}x**. tca <= 2x ca means tca's extra work ({extra:.1f} ms) <= ca's whole step "
              f"({tr['ca']['ms']:.1f} ms). The extra work, each piece timed alone (forward + backward):", "",
              "| piece of tca's extra work | ms | share of ca's step |", "|---|---|---|"]
-    for k in parts:
+    for k in pieces:
         lines.append(f"| {k} | {tr[k]['ms']:.1f} | {tr[k]['ms'] / tr['ca']['ms']:.2f} |")
     lines += [f"| rest (RL loss, autograd and Python overhead, Adam on the aggregator) | {tr['rest_ms']:.1f} | "
               f"{tr['rest_ms'] / tr['ca']['ms']:.2f} |",
