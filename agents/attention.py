@@ -1,6 +1,7 @@
 """The paper's search policy, the attention of the query over the children, trained by REINFORCE.
 
-pi(c | query, children) = mean_h softmax_c <W_q LN(query)_h, W_k LN(child_c)_h> (DESIGN.md section 2.6).
+pi(c | query, children) = mean_h softmax_c <W_q LN(query)_h, W_k child_c_h> / sqrt(dh): each head's softmax
+over the children's (raw, un-normalised) embeddings, averaged over heads.
 By default the policy *is* the predictor's read-out attention (``shared=True``, as in the paper): acting
 on the env's observations then gives exactly the probabilities of the fused search, and its REINFORCE
 term is computed on the predictor's differentiable replay of the agent's actions, so the gradient
@@ -34,7 +35,8 @@ class AttentionPolicy(nn.Module):
         keys, _ = self.readout.keys_values(child_emb)  # [n, b, H, dh]
         scores = (q.unsqueeze(1) * keys).sum(-1)  # [n, b, H]
         # The search's own softmax-then-average, so both paths give the same numbers.
-        return search.policy_log_probs(scores.unsqueeze(0), mask.bool().unsqueeze(0)).squeeze(0)
+        m = mask.bool().unsqueeze(0)
+        return search.policy_log_probs(search.head_probs(scores.unsqueeze(0), m), m).squeeze(0)
 
 
 def obs_to_torch(obs: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:

@@ -14,14 +14,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import kernels
 from . import search as S
+from .layers import Attention, EncoderLayer, FeedForward, embedder, position_mlp
 from .tasks.base import HEADS, ORDERINGS, REWARDS, Batch, Task
 from .tree import Aggregator, Tree, TreeShape, build_tree, retrieved_size
 
 DECODERS = ("tca", "ca", "perceiver")
 ENCODERS = ("quadratic", "constant")
 BASELINES = ("none", "batch_mean", "ema")
+STD_FORMS = ("exp", "bounded")
 
 
 @dataclass
@@ -46,10 +47,10 @@ class ModelConfig:
     emb_depth: int = 4
     """Layers of the context and query embedding MLPs."""
     encoder: str = "quadratic"
-    """"quadratic": a pre-norm Transformer encoder over the context; "constant": no encoder."""
+    """"quadratic": a Transformer encoder over the context (layers.EncoderLayer); "constant": no encoder."""
     enc_layers: int = 6
     dropout: float = 0.0
-    """Dropout of the encoder and the read-out."""
+    """Dropout of the feed-forward layers (encoder and read-out) and of the position encoding."""
     agg_dropout: float = 0.0
     """Dropout inside the tree aggregator (off: see tree.Aggregator)."""
     decoder: str = "tca"
@@ -69,12 +70,13 @@ class ModelConfig:
     rl_baseline: str = "none"
     """Extra REINFORCE baseline: "none", "batch_mean" or "ema" (moving average of the reward)."""
     entropy_coef: float = 0.01
-    min_std: float = 0.01
-    """Floor of the Normal head's standard deviation."""
+    std_form: str = "exp"
+    """Normal head's standard deviation from its raw output: "exp" (exp(raw), the reference's GP head) or
+    "bounded" (0.05 + 0.95 softplus(raw), the reference's image head)."""
 
     def validate(self) -> ModelConfig:
         checks = [("decoder", DECODERS), ("encoder", ENCODERS), ("head", HEADS), ("ordering", ORDERINGS),
-                  ("reward", REWARDS), ("rl_baseline", BASELINES)]
+                  ("reward", REWARDS), ("rl_baseline", BASELINES), ("std_form", STD_FORMS)]
         for name, allowed in checks:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"unknown {name} {getattr(self, name)!r}; choose one of {allowed}")
@@ -92,7 +94,7 @@ class ModelConfig:
     def for_task(cls, task: Task, **overrides) -> ModelConfig:
         base = dict(x_dim=task.x_dim, y_dim=task.y_dim, out_dim=task.out_dim, head=task.head,
                     sequential=task.sequential, max_context=task.max_context, ordering=task.ordering,
-                    reward=task.reward)
+                    reward=task.reward, std_form=task.std_form)
         base.update(overrides)
         return cls(**base).validate()
 
@@ -105,54 +107,46 @@ def sinusoidal(pos: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([ang.sin(), ang.cos()], dim=-1)
 
 
-def mlp(inp: int, d: int, depth: int) -> nn.Sequential:
-    layers: list[nn.Module] = [nn.Linear(inp, d)]
-    for _ in range(depth - 1):
-        layers += [nn.ReLU(inplace=True), nn.Linear(d, d)]
-    return nn.Sequential(*layers)
-
-
 class ReadOut(nn.Module):
-    """Pre-norm multi-head cross attention + feed-forward: the paper's one attention module.
+    """The paper's one cross-attention module: the search policy's scores, the read-out over S, and full
+    cross attention (L_CA and the "ca" decoder) all use it.
 
-    Queries attend to a set of keys; ``queries``/``keys_values`` expose the projections so the tree's
-    nodes are projected once and the search can score children with the same weights.
+    ``a = Attn(LN(q), keys = values = the raw node or token embeddings) + LN(q)``, then
+    ``z = a + q`` when ``query_residual`` (the TCA read-out's second residual, of the raw query embedding)
+    or ``z = a`` (the CA decoder), and ``out = FF(LN(z)) + LN(z)``. :meth:`queries` / :meth:`keys_values`
+    expose the projections so the tree's nodes are projected once and the search scores children with
+    the same weights.
     """
 
-    def __init__(self, d: int, nhead: int, dim_ff: int, dropout: float = 0.0):
+    def __init__(self, d: int, nhead: int, dim_ff: int, dropout: float = 0.0, query_residual: bool = True):
         super().__init__()
         self.nhead, self.dh = nhead, d // nhead
-        self.norm_q, self.norm_kv, self.norm_ff = nn.LayerNorm(d), nn.LayerNorm(d), nn.LayerNorm(d)
-        self.q_proj = nn.Linear(d, d)
-        self.kv_proj = nn.Linear(d, 2 * d)
-        self.out_proj = nn.Linear(d, d)
-        self.ff = nn.Sequential(nn.Linear(d, dim_ff), nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(dim_ff, d))
-        self.drop = nn.Dropout(dropout)
+        self.query_residual = query_residual
+        self.norm_q, self.norm_out = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.attn = Attention(d, nhead)
+        self.ff = FeedForward(d, dim_ff, dropout)
 
     def queries(self, x: torch.Tensor) -> torch.Tensor:
-        """``[..., D]`` -> ``[..., H, dh]``, scaled by 1/sqrt(dh) so scores are plain dot products."""
-        q = self.q_proj(self.norm_q(x))
-        q = q.mul_(self.dh**-0.5) if not torch.is_grad_enabled() else q * self.dh**-0.5
-        return q.unflatten(-1, (self.nhead, self.dh))
+        """Raw query embeddings ``[..., D]`` -> ``[..., H, dh]``, pre-scaled so scores are plain dot products."""
+        return self.attn.queries(self.norm_q(x))
 
     def keys_values(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[..., D]`` -> keys and values ``[..., H, dh]``."""
-        # Two half-width products rather than one split output: each comes out contiguous, so the
-        # search's row gathers never copy the whole table.
-        h = self.norm_kv(x)
-        w, b = self.kv_proj.weight.chunk(2), self.kv_proj.bias.chunk(2)
-        shape = (self.nhead, self.dh)
-        return F.linear(h, w[0], b[0]).unflatten(-1, shape), F.linear(h, w[1], b[1]).unflatten(-1, shape)
+        """Raw (un-normalised) node or token embeddings ``[..., D]`` -> keys and values ``[..., H, dh]``."""
+        return self.attn.keys_values(x)
 
     def finish(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-        """Residual + feed-forward after attention: ``x [.., D]``, ``attn [.., H, dh]`` -> ``[.., D]``."""
-        h = x + self.drop(self.out_proj(attn.flatten(-2)))
-        return h + self.drop(self.ff(self.norm_ff(h)))
+        """Residuals + feed-forward after attention: ``x [.., D]`` raw queries, ``attn [.., H, dh]`` -> ``[.., D]``."""
+        h = self.norm_q(x)
+        z = self.attn.out(attn.flatten(-2)) + h
+        if self.query_residual:
+            z = z + x
+        z = self.norm_out(z)
+        return self.ff(z) + z
 
-    def full(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def full(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Attention of ``q [B, M, H, dh]`` over all of ``k, v [B, N, H, dh]`` (fused SDPA): ``[B, M, H, dh]``."""
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=1.0)
-        return out.transpose(1, 2)
+        return Attention.attend(q, k, v)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         k, v = self.keys_values(context)
@@ -162,18 +156,18 @@ class ReadOut(nn.Module):
 class Head(nn.Module):
     """Maps read-out features to predictions and scores them (loss, metric, reward per query)."""
 
-    def __init__(self, d: int, kind: str, out_dim: int, min_std: float):
+    def __init__(self, d: int, kind: str, out_dim: int, std_form: str = "exp"):
         super().__init__()
-        self.kind, self.out_dim, self.min_std = kind, out_dim, min_std
+        self.kind, self.out_dim, self.std_form = kind, out_dim, std_form
         width = 2 * out_dim if kind == "normal" else out_dim
-        self.net = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, width))
+        self.net = nn.Sequential(nn.Linear(d, 2 * d), nn.ReLU(), nn.Linear(2 * d, width))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.net(h)
 
     def mean_std(self, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mean, raw = out.chunk(2, dim=-1)
-        return mean, self.min_std + F.softplus(raw)
+        return mean, raw.exp() if self.std_form == "exp" else 0.05 + 0.95 * F.softplus(raw)
 
     def point(self, out: torch.Tensor) -> torch.Tensor:
         """Point prediction: class index ``[B, M]`` or mean ``[B, M, dy]``."""
@@ -242,27 +236,31 @@ class Output:
 
 
 class ReTreever(nn.Module):
-    """The ReTreever model of the TCA paper (DESIGN.md section 2)."""
+    """The ReTreever model of the TCA paper: embedders, encoder, tree, read-out and head.
+
+    The layers follow the paper's reference implementation (see :mod:`tca_env.layers` and
+    :class:`ReadOut`); the "ca" and "perceiver" baselines share everything but the read-out.
+    """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg.validate()
         d = cfg.d_model
-        self.ctx_embed = mlp(cfg.x_dim + cfg.y_dim, d, cfg.emb_depth)
-        self.query_embed = mlp(cfg.x_dim, d, cfg.emb_depth)
-        if cfg.encoder == "quadratic":
-            layer = nn.TransformerEncoderLayer(d, cfg.nhead, cfg.dim_ff, cfg.dropout, batch_first=True,
-                                               norm_first=True)
-            self.encoder: nn.Module = nn.TransformerEncoder(layer, cfg.enc_layers, enable_nested_tensor=False)
-        else:
-            self.encoder = nn.Identity()
-        self.readout = ReadOut(d, cfg.nhead, cfg.dim_ff, cfg.dropout)
-        self.head = Head(d, cfg.head, cfg.out_dim, cfg.min_std)
+        self.ctx_embed = embedder(cfg.x_dim + cfg.y_dim, d, cfg.emb_depth)
+        self.query_embed = embedder(cfg.x_dim, d, cfg.emb_depth)
+        if cfg.sequential:  # embedder -> position encoding (with dropout) -> MLP, for context and queries
+            self.ctx_pos_mlp, self.query_pos_mlp = position_mlp(d), position_mlp(d)
+            self.pos_drop = nn.Dropout(cfg.dropout)
+        enc_layers = cfg.enc_layers if cfg.encoder == "quadratic" else 0
+        self.encoder = nn.ModuleList(EncoderLayer(d, cfg.nhead, cfg.dim_ff, cfg.dropout) for _ in range(enc_layers))
+        # The TCA read-out adds a second residual of the raw query (so does its L_CA); the CA decoder does not.
+        self.readout = ReadOut(d, cfg.nhead, cfg.dim_ff, cfg.dropout, query_residual=cfg.decoder == "tca")
+        self.head = Head(d, cfg.head, cfg.out_dim, cfg.std_form)
         if cfg.decoder == "tca":
             self.aggregator = Aggregator(d, cfg.nhead, cfg.dim_ff, cfg.agg_dropout)
         if cfg.decoder == "perceiver":
             self.latents = nn.Parameter(torch.randn(self.num_latents, d) * 0.02)
-            self.latent_attn = ReadOut(d, cfg.nhead, cfg.dim_ff, cfg.dropout)
+            self.latent_attn = ReadOut(d, cfg.nhead, cfg.dim_ff, cfg.dropout, query_residual=False)
         self.register_buffer("reward_ema", torch.zeros(()))
 
     @property
@@ -295,14 +293,16 @@ class ReTreever(nn.Module):
         x = batch.xc if batch.yc is None else torch.cat([batch.xc, batch.yc], -1)
         h = self.ctx_embed(x)  # [B, N, D]
         if self.cfg.sequential:
-            h = h + sinusoidal(batch.pc, self.cfg.d_model)
-        return self.encoder(h)
+            h = self.ctx_pos_mlp(self.pos_drop(h + sinusoidal(batch.pc, self.cfg.d_model)))
+        for layer in self.encoder:
+            h = layer(h)
+        return h
 
     def embed_queries(self, batch: Batch) -> torch.Tensor:
         """Query embeddings ``[B, M, D]``."""
         qe = self.query_embed(batch.xt)  # [B, M, D]
         if self.cfg.sequential:
-            qe = qe + sinusoidal(batch.pt, self.cfg.d_model)
+            qe = self.query_pos_mlp(self.pos_drop(qe + sinusoidal(batch.pt, self.cfg.d_model)))
         return qe
 
     def prepare(self, batch: Batch, full: bool | None = None, lean: bool = False) -> Context:
@@ -435,8 +435,6 @@ class ReTreever(nn.Module):
     def predict(self, batch: Batch) -> torch.Tensor:
         """Greedy inference: head output ``[B, M, out]`` with the configured decoder."""
         c = self.cfg
-        if c.decoder == "tca" and self.readout.dh <= kernels.DH_MAX and kernels.usable(self.readout.kv_proj.weight):
-            return self._predict_tca_fused(batch)
         ctx = self.prepare(batch, lean=True)
         if c.decoder == "perceiver":
             return self.predict_perceiver(ctx)
@@ -472,43 +470,3 @@ class ReTreever(nn.Module):
                 out = o.new_empty(x.shape[0], o.shape[-1])
             out[r0:r1] = o
         return out.view(*lead, -1)
-
-    #: token slots per chunk of trees in :meth:`_predict_tca_fused`
-    fused_chunk_slots = 4096
-
-    def _predict_tca_fused(self, batch: Batch) -> torch.Tensor:
-        """Greedy TCA inference with the fused C kernel, streamed over chunks of trees for low peak memory.
-
-        Same result as the generic path (up to float rounding; tests/test_kernels.py). Embed the queries,
-        encode and build the trees for the whole batch; then for a few trees at a time (about
-        ``fused_chunk_slots`` token slots) project their nodes' and tokens' keys and values and their
-        queries, run the kernel and the feed-forward and head. Keys, values, queries and read-outs
-        exist for one chunk at a time, never for the whole batch.
-        """
-        c = self.cfg
-        self._check(batch)
-        # Queries first: the embedders' temporaries are then never alive next to the tree (the peak).
-        query_emb = self.embed_queries(batch)
-        enc = self.encode_context(batch, check=False)
-        tree = build_tree(enc, c.branch, self.aggregator, c.ordering, batch.xc, c.coord, c.bptt)
-        del enc  # tree.tokens holds the (ordered) encodings
-        shape = tree.shape
-        levels = range(1, shape.k + 1)
-        node_masks = [tree.node_mask[lvl] if shape.padded(lvl) else None for lvl in levels]
-        tok_mask = None if shape.n == shape.num_slots else tree.token_mask
-        B, step = query_emb.shape[0], max(1, self.fused_chunk_slots // shape.num_slots)
-        out = None
-        for b0 in range(0, B, step):
-            b1 = min(B, b0 + step)
-            node_kv = [self.readout.keys_values(tree.nodes[lvl][b0:b1]) for lvl in levels]
-            tk, tv = self.readout.keys_values(tree.tokens[b0:b1])
-            kv = S.TreeKV(shape, [k for k, _ in node_kv], [v for _, v in node_kv],
-                          [None if m is None else m[b0:b1] for m in node_masks], tk, tv,
-                          None if tok_mask is None else tok_mask[b0:b1])
-            attn, _ = kernels.greedy_readout(kv, self.readout.queries(query_emb[b0:b1]))
-            del node_kv, tk, tv, kv
-            o = self.head(self.readout.finish(query_emb[b0:b1], attn))
-            if out is None:
-                out = o.new_empty(B, *o.shape[1:])
-            out[b0:b1] = o
-        return out

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .ops import softmax_small
+from .layers import masked_fill_value
 from .tree import Tree, TreeShape
 
 SEARCH_MODES = ("greedy", "sample")
@@ -48,15 +48,7 @@ class TreeKV:
     def from_tree(cls, tree: Tree, project, tok_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> TreeKV:
         """Project with ``project(x [.., D]) -> (k, v) [.., H, dh]``; ``tok_kv`` reuses token projections."""
         shape = tree.shape
-        if tree.all_nodes is not None and shape.k > 0:
-            # every node below the root in one projection (the root is the first B rows), then per-level views
-            B = tree.perm.shape[0]
-            pk, pv = project(tree.all_nodes[B:])
-            sizes = [B * shape.b**lvl for lvl in range(1, shape.k + 1)]
-            kv = [(a.view(B, n // B, *a.shape[1:]), c.view(B, n // B, *c.shape[1:]))
-                  for a, c, n in zip(pk.split(sizes), pv.split(sizes), sizes, strict=True)]
-        else:
-            kv = [project(tree.nodes[level]) for level in range(1, shape.k + 1)]
+        kv = [project(tree.nodes[level]) for level in range(1, shape.k + 1)]
         tk, tv = project(tree.tokens) if tok_kv is None else tok_kv
         # Padding depends only on N: levels without any (all of them when N = P * b^k) keep no mask.
         masks = [tree.node_mask[lvl] if shape.padded(lvl) else None for lvl in range(1, shape.k + 1)]
@@ -135,24 +127,36 @@ def _scores(q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     return keys.mul_(q.unsqueeze(2)).sum(-1)
 
 
-def policy_log_probs(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """log pi(c) = log mean_h softmax_c(scores): ``[B, M, b, H]``, mask ``[B, M, b]`` -> ``[B, M, b]``.
+def head_probs(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Each head's softmax over the children: ``scores [B, M, b, H]``, mask ``[B, M, b]`` -> ``[B, M, b, H]``.
 
-    Masked children get probability exactly 0 (log-prob ``-inf``).
+    Masked children get probability exactly 0.
     """
-    # A real child's probability can underflow to 0 (a large score gap); the floor keeps its log-prob, and
-    # so the entropy's gradient, finite (x log x at x = 0 has a 0/0 = NaN backward).
-    tiny = torch.finfo(scores.dtype).tiny
-    if mask is None:  # no padded child at this level
-        return softmax_small(scores, dim=2).mean(-1).clamp_min(tiny).log()
-    neg = -torch.finfo(scores.dtype).max
-    attn = softmax_small(scores.masked_fill(~mask.unsqueeze(-1), neg), dim=2)  # [B, M, b, H]
-    probs = attn.mean(-1).clamp_min(tiny).masked_fill(~mask, 0.0)  # [B, M, b]
-    return probs.log()
+    if mask is not None:
+        scores = scores.masked_fill(~mask.unsqueeze(-1), masked_fill_value(scores.dtype))
+    probs = scores.softmax(dim=2)
+    return probs if mask is None else probs.masked_fill(~mask.unsqueeze(-1), 0.0)
+
+
+def policy_log_probs(probs: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """log pi(c) = log mean_h p_h(c): per-head probabilities ``[B, M, b, H]`` -> ``[B, M, b]``.
+
+    Masked children (``mask [B, M, b]`` False) get log-prob ``-inf``.
+    """
+    # A real child's probability can underflow to 0 (a large score gap); the floor keeps its log-prob finite.
+    logp = probs.mean(-1).clamp_min(torch.finfo(probs.dtype).tiny).log()
+    return logp if mask is None else logp.masked_fill(~mask, float("-inf"))
+
+
+def head_entropy(probs: torch.Tensor) -> torch.Tensor:
+    """The entropy bonus of one level: each head's entropy ``-sum_c p log(p + 1e-9)`` over the children,
+    averaged over heads (the reference's definition): ``[B, M, b, H]`` -> ``[B, M]``."""
+    return -(probs * (probs + 1e-9).log()).sum(2).mean(-1)
 
 
 def entropy(log_probs: torch.Tensor) -> torch.Tensor:
-    """Entropy of each distribution over the last dim; zero-probability children contribute 0."""
+    """Entropy of each distribution over the last dim (zero-probability entries contribute 0): the entropy
+    of a policy known only through its log-probabilities (an external agent's)."""
     p = log_probs.exp()
     return -torch.special.xlogy(p, p).sum(-1)
 
@@ -180,6 +184,7 @@ class StepResult:
     node: torch.Tensor  # [B, M] chosen child's index at level s+1
     action: torch.Tensor  # [B, M] in [0, b)
     log_probs: torch.Tensor  # [B, M, b]
+    entropy: torch.Tensor  # [B, M] per-head entropy averaged over heads (head_entropy)
     scores: torch.Tensor  # [B, M, b, H] per-head attention scores (reused by the read-out)
     mask: torch.Tensor | None  # [B, M, b] children that exist (None: all of them)
 
@@ -194,9 +199,10 @@ def step(kv: TreeKV, q: torch.Tensor, s: int, node: torch.Tensor, mode: str = "g
     if not 0 <= s < kv.shape.k:
         raise ValueError(f"step {s} out of range for a tree of depth {kv.shape.k}")
     scores, mask = child_scores(kv, q, s, node, ws)
-    logp = policy_log_probs(scores, mask)
+    probs = head_probs(scores, mask)  # [B, M, b, H]
+    logp = policy_log_probs(probs, mask)
     a = choose(logp, mode, generator) if action is None else action
-    return StepResult(node * kv.shape.b + a, a, logp, scores, mask)
+    return StepResult(node * kv.shape.b + a, a, logp, head_entropy(probs), scores, mask)
 
 
 @dataclass
@@ -205,7 +211,7 @@ class Descent:
 
     path: torch.Tensor  # [B, M, k+1] node index per level
     log_prob: torch.Tensor  # [B, M] sum over levels of log pi(chosen)
-    entropy: torch.Tensor  # [B, M] sum over levels of the policy's entropy
+    entropy: torch.Tensor  # [B, M] mean over levels of the per-head entropy averaged over heads
     sib_logits: list[torch.Tensor]  # k x [B, M, b-1, H] read-out logits of the siblings (padding masked)
 
     b: int  # branch factor
@@ -221,6 +227,7 @@ def descend(kv: TreeKV, q: torch.Tensor, mode: str = "greedy", actions: torch.Te
     """Run :func:`step` k times (a loop over levels only). ``actions [B, M, k]`` replays a given path.
 
     ``stats=False`` skips the path log-probability and entropy (zeros), which greedy inference never uses.
+    The entropy is averaged over levels (and, per level, over heads), as the reference's bonus is.
     """
     B, M = q.shape[:2]
     k = kv.shape.k
@@ -233,9 +240,11 @@ def descend(kv: TreeKV, q: torch.Tensor, mode: str = "greedy", actions: torch.Te
         r = step(kv, q, s, path[..., s], mode, None if actions is None else actions[..., s], generator, ws)
         if stats:
             log_prob = log_prob + r.log_probs.gather(-1, r.action.unsqueeze(-1)).squeeze(-1)
-            ent = ent + entropy(r.log_probs)
+            ent = ent + r.entropy
         path[..., s + 1] = r.node
         sib_logits.append(_sibling_logits(r.scores, r.mask, r.action.unsqueeze(-1)))
+    if k > 0:
+        ent = ent / k
     return Descent(path, log_prob, ent, sib_logits, kv.shape.b)
 
 
@@ -260,7 +269,7 @@ def _sibling_logits(scores: torch.Tensor, mask: torch.Tensor | None, action: tor
     sib = scores.gather(2, pos.unsqueeze(-1).expand(*pos.shape, H))
     if mask is None:
         return sib
-    return sib.masked_fill(~mask.gather(2, pos).unsqueeze(-1), -torch.finfo(scores.dtype).max)
+    return sib.masked_fill(~mask.gather(2, pos).unsqueeze(-1), masked_fill_value(scores.dtype))
 
 
 @dataclass
@@ -327,7 +336,7 @@ def readout(kv: TreeKV, q: torch.Tensor, path: torch.Tensor, descent: Descent | 
                             for j in range(shape.P)], dim=2)  # [B, M, P, H]
     tok_mask = _block_mask(kv.tok_mask, leaf, shape.P)  # [B, M, P]
     if tok_mask is not None:
-        tok_scores = tok_scores.masked_fill(~tok_mask.unsqueeze(-1), -torch.finfo(q.dtype).max)
+        tok_scores = tok_scores.masked_fill(~tok_mask.unsqueeze(-1), masked_fill_value(q.dtype))
     logits.append(tok_scores)
     attn = _softmax(torch.cat(logits, dim=2)).unsqueeze(-1)  # [B, M, |S|, H, 1]
     del logits, tok_scores
@@ -346,18 +355,7 @@ def readout(kv: TreeKV, q: torch.Tensor, path: torch.Tensor, descent: Descent | 
 
 
 def greedy_readout(kv: TreeKV, q: torch.Tensor, with_path: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Greedy inference in one call: the read-out ``[B, M, H, dh]`` over each query's greedy S (and its path).
-
-    Uses the fused C kernel (:mod:`tca_env.kernels`) for float32 CPU tensors without autograd, and
-    :func:`descend` + :func:`readout` otherwise; both give the same S and, up to float rounding, the same
-    read-out.
-    """
-    from . import kernels
-
-    if kernels.usable(q, *kv.keys, kv.tok_keys):
-        attn, path = kernels.greedy_readout(kv, q, with_path)
-        if attn is not None:
-            return attn, path
+    """Greedy inference in one call: the read-out ``[B, M, H, dh]`` over each query's greedy S (and its path)."""
     d = descend(kv, q, "greedy", stats=False)
     return readout(kv, q, d.path, d), d.path if with_path else None
 
@@ -366,25 +364,10 @@ def search_readout(kv: TreeKV, q: torch.Tensor, mode: str = "sample", actions: t
                    generator: torch.Generator | None = None) -> tuple[torch.Tensor, Descent]:
     """:func:`descend` then :func:`readout`, differentiable (the fused trainer's forward).
 
-    For float32 CPU tensors this runs the C kernels of :mod:`tca_env.kernels` (forward and backward),
-    drawing the Gumbel noise of sampling with ``generator`` exactly as :func:`choose` does level by
-    level, so both paths take the same samples from the same seed. Returns the read-out
-    ``[B, M, H, dh]`` and the :class:`Descent` (its ``sib_logits`` left empty on the fused path).
+    Returns the read-out ``[B, M, H, dh]`` and the :class:`Descent`.
     """
-    from . import kernels
-
     if mode not in SEARCH_MODES:
         raise ValueError(f"unknown search mode {mode!r}; choose one of {SEARCH_MODES}")
-    tensors = (q, kv.tok_keys, kv.tok_values, *kv.keys, *kv.values)
-    if q.shape[-1] <= kernels.DH_MAX and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors) \
-            and kernels.library() is not None:
-        B, M = q.shape[:2]
-        b, k = kv.shape.b, kv.shape.k
-        gumbel = None
-        if mode == "sample" and actions is None and k > 0:  # level by level, in choose()'s order
-            gumbel = torch.stack([gumbel_noise((B, M, b), q, generator) for _ in range(k)], dim=2)
-        attn, path, log_prob, ent = kernels.search_readout(kv, q, gumbel, actions)
-        return attn, Descent(path, log_prob, ent, [], b)
     d = descend(kv, q, mode, actions, generator)
     return readout(kv, q, d.path, d), d
 

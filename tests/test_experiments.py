@@ -67,7 +67,7 @@ def test_presets_build_valid_configs(task: str, preset: str) -> None:
 def test_tiny_runs_give_finite_metrics_on_every_split(tmp_path: Path, task: str, decoder: str) -> None:
     _, splits, metric = TASKS[task]
     report = tiny_trainer(tmp_path, task, decoder).fit()
-    assert set(report["eval"]) == {f"{s}/{metric}" for s in splits}
+    assert set(report["eval"]) == {f"{s}/{metric}{kind}" for s in splits for kind in ("", "_pooled")}
     assert all(math.isfinite(v) for v in report["eval"].values())
     assert report["steps"] == 2 and 0 < report["tokens"] <= report["max_context"]
     assert json.loads((tmp_path / f"{task}-{decoder}" / "results.json").read_text())["eval"] == report["eval"]

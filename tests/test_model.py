@@ -18,18 +18,22 @@ def copy_model(decoder="tca", seq_len=16, **kw):
 
 
 def reference_cross_attention(mod, x, ctx):
-    """softmax(Q K^T / sqrt(dh)) V written out from the module's weights, then residual + FF."""
+    """The CA decoder written out from the module's weights: a = softmax(Q K^T / sqrt(dh)) V over the raw
+    context + LN(q); out = FF(LN(a)) + LN(a), with a GEGLU feed-forward."""
     H, dh = mod.nhead, mod.dh
-    q = mod.norm_q(x) @ mod.q_proj.weight.T + mod.q_proj.bias
-    kv = mod.norm_kv(ctx) @ mod.kv_proj.weight.T + mod.kv_proj.bias
-    k, v = kv[..., : H * dh], kv[..., H * dh:]
+    h = mod.norm_q(x)
+    q, k, v = h @ mod.attn.q.weight.T, ctx @ mod.attn.k.weight.T, ctx @ mod.attn.v.weight.T
     outs = []
-    for h in range(H):
-        sl = slice(h * dh, (h + 1) * dh)
+    for i in range(H):
+        sl = slice(i * dh, (i + 1) * dh)
         w = torch.softmax(q[..., sl] @ k[..., sl].transpose(-1, -2) / math.sqrt(dh), dim=-1)
         outs.append(w @ v[..., sl])
-    hcat = x + torch.cat(outs, -1) @ mod.out_proj.weight.T + mod.out_proj.bias
-    return hcat + mod.ff(mod.norm_ff(hcat))
+    a = torch.cat(outs, -1) @ mod.attn.out.weight.T + mod.attn.out.bias + h
+    z = mod.norm_out(a)
+    u = z @ mod.ff.inp.weight.T + mod.ff.inp.bias
+    half = u.shape[-1] // 2
+    ff = (u[..., :half] * torch.nn.functional.gelu(u[..., half:])) @ mod.ff.outp.weight.T + mod.ff.outp.bias
+    return ff + z
 
 
 @torch.no_grad()
@@ -74,9 +78,9 @@ def test_training_forward_has_every_loss_term():
     torch.testing.assert_close(out.terms["loss"], expected)
     out.loss.backward()
     # RL reaches the query projection through the policy; L_CA reaches the encoder-side embedder.
-    assert model.readout.q_proj.weight.grad.abs().sum() > 0
+    assert model.readout.attn.q.weight.grad.abs().sum() > 0
     assert model.ctx_embed[0].weight.grad.abs().sum() > 0
-    assert model.aggregator.qkv.weight.grad.abs().sum() > 0
+    assert model.aggregator.attn.q.weight.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("reward", ["acc", "nce"])

@@ -43,7 +43,9 @@ def reference_descent(model, ctx, actions=None):
                 greedy[bi, m, s] = int(p.argmax())
                 a = int(actions[bi, m, s]) if actions is not None else greedy[bi, m, s]
                 log_prob[bi, m] += torch.log(p[a])
-                ent[bi, m] -= sum(float(x * torch.log(x)) for x in p if x > 0)
+                # the bonus: each head's entropy (masked children have p = 0), averaged over heads and levels
+                ent[bi, m] -= sum(float(x * torch.log(x + 1e-9)) for ph in per_head for x in ph * real) \
+                    / len(per_head) / shape.k
                 node = kids[a]
     return greedy, log_prob, ent
 
@@ -119,7 +121,7 @@ def test_reinforce_gradient_matches_closed_form(nhead):
     b, c, R, a = 3, 0.01, 0.7, 1
     s = torch.randn(1, 1, b, nhead, dtype=torch.float64, requires_grad=True)
     mask = torch.ones(1, 1, b, dtype=torch.bool)
-    logp = S.policy_log_probs(s, mask)
+    logp = S.policy_log_probs(S.head_probs(s, mask), mask)
     loss = -(logp[..., a] * R).sum() - c * S.entropy(logp).sum()
     loss.backward()
 
@@ -174,7 +176,8 @@ def test_underflowed_child_probability_keeps_gradients_finite(masked):
     # A score gap of 400 underflows one child's probability to exactly 0 in float32.
     scores = torch.tensor([200.0, -200.0, 0.0]).view(1, 1, 3, 1).expand(1, 1, 3, 2).clone().requires_grad_()
     mask = torch.tensor([[[True, True, not masked]]])
-    logp = S.policy_log_probs(scores, mask)
+    probs = S.head_probs(scores, mask)
+    logp = S.policy_log_probs(probs, mask)
     assert torch.isfinite(logp[..., :2]).all() and (logp[..., 2].isinf().item() == masked)
-    (S.entropy(logp).sum() + logp[..., 0].sum()).backward()
+    (S.head_entropy(probs).sum() + S.entropy(logp).sum() + logp[..., 0].sum()).backward()
     assert torch.isfinite(scores.grad).all()

@@ -33,6 +33,7 @@ from tca_env.checkpoint import load_predictor
 from tca_env.env import FinishedBatch
 from tca_env.model import ModelConfig, ReTreever
 from tca_env.tasks import Batch
+from tca_env.tasks.base import summarize_metric
 from tca_env.vector_env import TreeRetrievalVectorEnv
 
 from . import checkpoint as ckpt_io
@@ -97,17 +98,18 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Greedy predictions on the fixed evaluation sets: the mean metric per split."""
+        """Greedy predictions on the fixed evaluation sets, per split: ``<split>/<metric>`` is the mean over
+        batches of each batch's mean (the paper's metric), ``<split>/<metric>_pooled`` the mean over all
+        queries pooled (:func:`~tca_env.tasks.base.summarize_metric`)."""
         self.model.eval()
         out: dict[str, float] = {}
         for split, batches in self.eval_sets.items():
-            total, count = 0.0, 0
-            for b in batches:
-                m = self.model.head.metric(self.model.predict(b), b.yt)
-                total += float(m.sum())
-                count += m.numel()
-            out[f"{split}/{self.metric_name}"] = total / count
+            per_batch = [self.model.head.metric(self.model.predict(b), b.yt) for b in batches]
+            self._summarize(out, split, per_batch)
         return out
+
+    def _summarize(self, out: dict[str, float], split: str, per_batch: list[torch.Tensor]) -> None:
+        out[f"{split}/{self.metric_name}"], out[f"{split}/{self.metric_name}_pooled"] = summarize_metric(per_batch)
 
     @torch.no_grad()
     def figure(self) -> Figure | None:
@@ -362,12 +364,12 @@ class CoTrainer(Trainer):
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Greedy agent + predictor on the fixed evaluation sets (through the env): mean metric per split."""
+        """Greedy agent + predictor on the fixed evaluation sets (through the env): both averages per split."""
         # The floor draws its own seeded choices, so an evaluation is a fixed function of the checkpoint.
         agent = RandomAgent(self.cfg.eval_seed) if isinstance(self.agent, RandomAgent) else self.agent
         out: dict[str, float] = {}
         for split, batches in self.eval_sets.items():
-            total, count = 0.0, 0
+            per_batch = []
             for b in batches:
                 env = self._eval_env(b.B)
                 obs, _ = env.reset(options={"batch": b})
@@ -375,10 +377,8 @@ class CoTrainer(Trainer):
                     obs, _, terminated, _, info = env.step(sb3_predict(agent, obs, deterministic=True))
                     if terminated.all():
                         break
-                metric = info["final_info"]["metric"]
-                total += float(metric.sum())
-                count += metric.size
-            out[f"{split}/{self.metric_name}"] = total / count
+                per_batch.append(torch.as_tensor(info["final_info"]["metric"]))
+            self._summarize(out, split, per_batch)
         return out
 
     def _eval_env(self, B: int) -> TreeRetrievalVectorEnv:

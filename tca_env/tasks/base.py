@@ -112,6 +112,8 @@ class Task(ABC):
     out_dim: int = 1
     ordering: str = "natural"
     reward: str = "acc"
+    std_form: str = "exp"
+    """How a Normal head turns its raw output into a standard deviation: "exp" or "bounded"."""
     sequential: bool = False
     eval_splits: tuple[str, ...] = ("test",)
     """Splits the trainer evaluates on (each a fixed, seeded set passed to ``sample(split=...)``)."""
@@ -156,3 +158,20 @@ class Task(ABC):
             out.append(self.sample(n, g, device, split=split))
             left -= n
         return out
+
+
+def summarize_metric(per_batch: list[torch.Tensor]) -> tuple[float, float]:
+    """The two averages of a per-query metric over evaluation batches (each ``[B, M]`` or any shape).
+
+    Returns ``(batch_mean, pooled)``: the mean over batches of each batch's mean (the paper's reported
+    metric: every batch weighs the same, whatever its number of targets) and the mean over all queries
+    pooled together (batches with many targets weigh more). With varying batch sizes (the GP and image
+    protocols draw N and M per batch) the two differ: batches with many targets have few context points,
+    so the pooled mean is the lower one.
+    """
+    if not per_batch:
+        raise ValueError("no evaluation batches to average")
+    means = [float(m.float().mean()) for m in per_batch]
+    total = sum(float(m.float().sum()) for m in per_batch)
+    count = sum(m.numel() for m in per_batch)
+    return sum(means) / len(means), total / count

@@ -187,6 +187,7 @@ class ImageCompletionTask(Task):
     out_dim = 1
     ordering = "kd"
     reward = "ll"
+    std_form = "bounded"  # 0.05 + 0.95 softplus(raw): the reference bounds the std of pixel predictions
     sequential = False
 
     def __init__(self, source: str = "synthetic", images: torch.Tensor | None = None,
