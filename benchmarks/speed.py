@@ -42,11 +42,9 @@ def worker(decoder: str, seq_len: int, what: str, batch: int, iters: int, thread
     import torch
 
     torch.set_num_threads(threads)
-    from tca_env import kernels
     from tca_env.model import ModelConfig, ReTreever
     from tca_env.tasks import make_task
 
-    kernels.library()  # load (or build) the fused kernels' code before any measurement, like importing torch
     task = make_task("copy", seq_len=seq_len)
     torch.manual_seed(0)
     model = ReTreever(ModelConfig.for_task(task, decoder=decoder, encoder="constant", dropout=0.1))
@@ -91,8 +89,6 @@ def run(decoder, seq_len, what, args, extra_env=None) -> dict:
     cmd = [sys.executable, __file__, "--worker", decoder, str(seq_len), what, "--batch", str(args.batch),
            "--iters", str(args.iters), "--threads", str(args.threads)]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), **(extra_env or {})}
-    if args.no_kernels:
-        env["TCA_KERNELS"] = "0"
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if res.returncode:
         raise RuntimeError(f"{decoder} L={seq_len} {what} failed:\n{res.stderr}")
@@ -154,15 +150,12 @@ def main() -> None:
     p.add_argument("--train-max-len", type=int, default=1024, help="Skip training-step timing above this L.")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: robust on a shared 2-core machine).")
     p.add_argument("--out", default="bench_out", help="Directory for speed.json and speed.md.")
-    p.add_argument("--no-kernels", action="store_true",
-                   help="Disable the fused C kernels (TCA_KERNELS=0): time the pure PyTorch code paths.")
     p.add_argument("--replot", action="store_true", help="Only redraw speed.png from the speed.json in --out.")
     p.add_argument("--worker", nargs=3, metavar=("DECODER", "L", "WHAT"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.replot:
         data = json.loads((Path(args.out) / "speed.json").read_text())
-        kind = "fused kernels" if data["meta"].get("kernels", True) else "PyTorch path"
-        plot(data["results"], Path(args.out) / "speed.png", f"copy-task model, batch 16, one thread ({kind})")
+        plot(data["results"], Path(args.out) / "speed.png", "copy-task model, batch 16, one thread")
         return
     if args.worker:
         dec, L, what = args.worker
@@ -187,12 +180,10 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"batch": args.batch, "threads": args.threads, "iters": args.iters, "repeats": args.repeats,
-            "model": "copy task, D=64, 4 heads, ff 128, emb depth 4, no encoder, b=2",
-            "kernels": not args.no_kernels}
+            "model": "copy task, D=64, 4 heads, ff 128, emb depth 4, no encoder, b=2"}
     (out / "speed.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     (out / "speed.md").write_text(table(results) + "\n")
-    kind = "PyTorch path" if args.no_kernels else "fused kernels"
-    plot(results, out / "speed.png", f"copy-task model, batch 16, one thread ({kind})")
+    plot(results, out / "speed.png", "copy-task model, batch 16, one thread")
     print(table(results))
 
 

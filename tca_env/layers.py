@@ -49,9 +49,22 @@ class Attention(nn.Module):
         shape = (self.nhead, self.dh)
         return self.k(x).unflatten(-1, shape), self.v(x).unflatten(-1, shape)
 
+    #: key sets up to this size use the broadcast form below (tree children, leaf buckets); larger ones SDPA
+    small_set = 8
+
     @staticmethod
     def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """``q [G, M, H, dh]`` (pre-scaled) over ``k, v [G, N, H, dh]``, ``mask [G, N]`` -> ``[G, M, H, dh]``."""
+        """``q [G, M, H, dh]`` (pre-scaled) over ``k, v [G, N, H, dh]``, ``mask [G, N]`` -> ``[G, M, H, dh]``.
+
+        Two backends of the same math: for small key sets (a node's children: the aggregator runs over
+        thousands of groups of b or P entries) a broadcast multiply-sum, 2-6x faster forward + backward on a
+        CPU than fused SDPA, whose per-group overhead dominates there; otherwise fused SDPA.
+        """
+        if k.shape[1] <= Attention.small_set:
+            s = (q.unsqueeze(2) * k.unsqueeze(1)).sum(-1)  # [G, M, N, H]
+            if mask is not None:
+                s = s.masked_fill(~mask[:, None, :, None], masked_fill_value(s.dtype))
+            return (s.softmax(2).unsqueeze(-1) * v.unsqueeze(1)).sum(2)  # [G, M, H, dh]
         bias = None
         if mask is not None:  # additive mask: finite, so a fully masked row averages instead of NaN
             bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device)

@@ -79,12 +79,16 @@ def test_attention_projections_are_bias_free_and_output_has_bias():
     assert mod.q.bias is None and mod.k.bias is None and mod.v.bias is None and mod.out.bias is not None
 
 
+@pytest.mark.parametrize("n", [4, 12])  # both attention backends: broadcast (small sets) and SDPA
 @pytest.mark.parametrize("masked", [False, True])
-def test_encoder_layer_residual_on_normalised_stream(masked):
+def test_encoder_layer_residual_on_normalised_stream(masked, n):
     torch.manual_seed(0)
     mod = randomize(EncoderLayer(8, 2, 6).double())
-    x = rand(3, 4, 8)
-    mask = torch.tensor([[True, True, False, True], [True, False, False, False], [True] * 4]) if masked else None
+    x = rand(3, n, 8)
+    mask = torch.rand(3, n, generator=torch.Generator().manual_seed(1)) > 0.4 if masked else None
+    if masked:
+        mask[1] = False  # a fully masked group stays finite
+        mask[0, 0] = True
     h = ln(x, mod.norm1)
     h = attn_ref(mod.attn, h, h, mask) + h
     h = ln(h, mod.norm2)
