@@ -14,7 +14,9 @@ import torch
 
 from .model import ModelConfig, ReTreever
 
-FORMAT = "tree-retrieval-checkpoint-v1"
+FORMAT = "tree-retrieval-checkpoint-v2"
+#: formats of earlier versions whose model layers differ from this one's (they cannot be loaded)
+OLD_FORMATS = {"tree-retrieval-checkpoint-v1": "the layers before they followed the reference implementation"}
 
 
 def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -26,6 +28,10 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> d
         ckpt = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as e:  # torch raises several types for truncated / garbage files
         raise ValueError(f"checkpoint {path} is corrupt or unreadable: {e}") from e
+    if isinstance(ckpt, dict) and ckpt.get("format") in OLD_FORMATS:
+        raise ValueError(f"checkpoint {path} was written by an earlier version of this package "
+                         f"({ckpt['format']}: {OLD_FORMATS[ckpt['format']]}); its weights do not fit this model: "
+                         "train again")
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise ValueError(f"{path} is not a tree-retrieval checkpoint (expected format {FORMAT!r})")
     for key in ("model", "model_config", "train_config", "step"):

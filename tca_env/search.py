@@ -1,7 +1,7 @@
 """Batched root-to-leaf search of Tree Cross Attention, for all B*M queries at once.
 
 The policy at a node is the attention of the query over the node's children, averaged over heads:
-pi(c | q) = mean_h softmax_c(<q_h, k_{c,h}>) (DESIGN.md section 2.6), computed with the keys of the
+pi(c | q) = mean_h softmax_c(<q_h, k_{c,h}>) (the paper's policy), computed with the keys of the
 same attention module that does the read-out. Keys and values are projected once per tree
 (:class:`TreeKV`); a query only gathers the rows it visits.
 

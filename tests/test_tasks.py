@@ -1,4 +1,4 @@
-"""Task samplers match their protocols (PAPER.md); no test needs network or the data packages."""
+"""Task samplers match their protocols (the paper's); no test needs network or the data packages."""
 
 from __future__ import annotations
 

@@ -87,6 +87,10 @@ def test_corrupt_or_foreign_checkpoint_gives_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError):
         ckpt_io.load(tmp_path / "missing.pt")
     assert main(["eval", "--checkpoint", str(bad)]) == 2
+    # a checkpoint of the earlier layer forms says so instead of failing on mismatched weights
+    torch.save({"format": "tree-retrieval-checkpoint-v1", "model": {}}, tmp_path / "old.pt")
+    with pytest.raises(ValueError, match="earlier version"):
+        ckpt_io.load(tmp_path / "old.pt")
 
 
 def test_bad_config_values_are_rejected():

@@ -3,7 +3,7 @@
 Read it top to bottom: :meth:`Trainer.fit` runs :meth:`Trainer.run`; :meth:`Trainer.train_step` is the
 paper's fused step, where the attention policy is the read-out's own attention, trained by REINFORCE
 inside one forward/backward together with L_TCA and L_CA. :class:`CoTrainer` is the same loop with any
-agent acting through the TreeRetrieval environment (DESIGN.md section 5); ``make_trainer`` picks one.
+agent acting through the TreeRetrieval environment; ``make_trainer`` picks one.
 """
 
 from __future__ import annotations
@@ -214,7 +214,7 @@ class Trainer:
 
 
 class CoTrainer(Trainer):
-    """Co-training with a search agent acting through the environment (DESIGN.md section 5).
+    """Co-training with a search agent acting through the environment.
 
     One loop whatever the agent:
 

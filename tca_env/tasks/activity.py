@@ -1,4 +1,4 @@
-"""Human activity recognition (PAPER.md, "Human activity"): classify every time point of a sequence.
+"""Human activity recognition (the paper's "Human activity" experiment): classify every time point of a sequence.
 
 The paper's dataset (body-worn position tags, 7 activities, 50 time steps) is not on a package
 registry. The stand-in is the smartwatch IMU data shipped with the PyPI package ``seglearn``

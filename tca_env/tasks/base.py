@@ -1,6 +1,6 @@
 """What every task provides: a :class:`Batch` of context and query tokens, and a :class:`Task` sampler.
 
-Tasks are data and metrics only: they never import the model (see DESIGN.md section 3).
+Tasks are data and metrics only: they never import the model (imports point one way: tasks <- model).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ class Batch:
     pt: torch.Tensor | None = None
 
     @property
-    def B(self) -> int:  # noqa: N802 - the shape letters of DESIGN.md
+    def B(self) -> int:  # noqa: N802 - the shape letters used throughout
         return self.xc.shape[0]
 
     @property

@@ -1,4 +1,4 @@
-"""The copy task of the TCA paper (PAPER.md, "Copy task").
+"""The copy task of the TCA paper (the paper's "Copy task").
 
 The context is SOS followed by L/2 - 1 random characters from a vocabulary of 10, one-hot over
 12 classes (10 characters, SOS, EOS), at positions 0..L/2-1. The L/2 queries are zero vectors at

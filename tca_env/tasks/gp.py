@@ -1,4 +1,4 @@
-"""1-D Gaussian-process meta-regression (PAPER.md, "GP regression").
+"""1-D Gaussian-process meta-regression (the paper's "GP regression" experiment).
 
 Each task is one function drawn from a zero-mean GP. Per batch, N ~ U{3..46} context points and
 M ~ U{3..49-N} targets (one N and one M for the whole batch, drawn from the generator); per task,

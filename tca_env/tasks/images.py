@@ -1,4 +1,4 @@
-"""Image completion (PAPER.md, "Image completion"): pixels as (coordinate, value) tokens.
+"""Image completion (the paper's "Image completion" experiment): pixels as (coordinate, value) tokens.
 
 Each task is one image. Per batch, N ~ U{3..196} context pixels and M ~ U{3..199-N} target pixels
 (one N and one M for the whole batch); per image the N + M pixels are drawn without replacement,
