@@ -144,18 +144,48 @@ def step_time_ms(run_dir: Path) -> float | None:
     return 1000.0 / statistics.median(sps) if sps else None
 
 
+def time_steps(repeats: int, seed: int = 0) -> dict[str, float]:
+    """Median time of one training step (forward, backward, Adam) of tca and ca on GP batches of 16, one
+    thread, the two models alternating step by step in one process so that machine load hits both alike."""
+    import torch
+
+    from tca_env.model import ModelConfig, ReTreever
+    from tca_env.tasks import make_task
+
+    torch.set_num_threads(1)
+    task = make_task("gp", kernel="rbf")
+    models = {d: ReTreever(ModelConfig.for_task(task, decoder=d, enc_layers=6)).train() for d in ("tca", "ca")}
+    opts = {d: torch.optim.Adam(m.parameters(), lr=5e-4) for d, m in models.items()}
+    g, gs = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1)
+    times: dict[str, list[float]] = {d: [] for d in models}
+    for i in range(repeats + 5):
+        batch = task.sample(16, g)
+        for d, m in models.items():
+            t = time.perf_counter()
+            out = m(batch, generator=gs)
+            opts[d].zero_grad(set_to_none=True)
+            out.loss.backward()
+            torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
+            opts[d].step()
+            if i >= 5:  # warm-up
+                times[d].append(time.perf_counter() - t)
+    return {f"{d}_ms": 1000 * statistics.median(v) for d, v in times.items()}
+
+
 def mean(xs: list[float]) -> float:
     return sum(xs) / len(xs)
 
 
-def render(args: argparse.Namespace, results: dict[str, dict[int, dict[str, Any]]]) -> str:
+def render(args: argparse.Namespace, results: dict[str, dict[int, dict[str, Any]]],
+           timing: dict[str, float] | None = None) -> str:
     seeds = args.seeds
     seed_txt = " / ".join(f"s{s}" for s in seeds)
     lines = [f"# GP regression (RBF) at {args.steps:,} steps, batch 16, 6 encoder layers", "",
              f"Evaluation: {args.eval_batches:,} batches of 16 tasks (seed {args.eval_seed}), the same for every "
              "model. `paper` = mean over batches of each batch's mean target log-likelihood (the paper's metric); "
              "`pooled` = mean over all targets. Produced by `OMP_NUM_THREADS=1 python benchmarks/fidelity.py "
-             + " ".join(sys.argv[1:]) + "`.", ""]
+             f"--steps {args.steps} --seeds {' '.join(map(str, seeds))} --eval-every {args.eval_every} "
+             f"--eval-batches {args.eval_batches} --runs-dir {args.runs_dir} --out {args.out}`.", ""]
 
     def cell(dec: str, split: str, key: str = "paper") -> str:
         vals = [results[dec][s][split][key] for s in seeds if s in results.get(dec, {})]
@@ -196,6 +226,11 @@ def render(args: argparse.Namespace, results: dict[str, dict[int, dict[str, Any]
                 ms = f"{r['ms_per_step']:.1f}" if r.get("ms_per_step") else "-"
                 wall = f"{r['wall_time_s']:.0f}" if r.get("wall_time_s") else "-"
                 lines.append(f"| {d} seed {s} | {r['step']:,} | {ms} | {wall} |")
+    lines += ["", "The runs' step times come from their logged steps/s, with other runs sharing the two cores."]
+    if timing:
+        lines += ["", f"Measured alone (`--time-steps {timing['repeats']}`: tca and ca alternating step by step in one "
+                  f"process, GP batches of 16, one thread, median): **tca {timing['tca_ms']:.1f} ms, ca "
+                  f"{timing['ca_ms']:.1f} ms per step ({timing['tca_ms'] / timing['ca_ms']:.2f}x)**."]
     return "\n".join(lines) + "\n"
 
 
@@ -240,6 +275,8 @@ def main() -> None:
     p.add_argument("--ckpt-every", type=int, default=500, help="Checkpoint every this many steps (resume point).")
     p.add_argument("--runs-dir", default="runs/fidelity", help="Where the runs (checkpoints, TensorBoard) go.")
     p.add_argument("--out", default="results/fidelity", help="Where fidelity.json, fidelity.md and curves.png go.")
+    p.add_argument("--time-steps", type=int, default=0,
+                   help="Also time this many training steps of tca and ca alone (run on an idle machine).")
     p.add_argument("--render-only", action="store_true",
                    help="Evaluate existing checkpoints and render; train nothing.")
     args = p.parse_args()
@@ -253,8 +290,14 @@ def main() -> None:
             if (Path(args.runs_dir) / run_name(d, s) / "checkpoint.pt").exists():
                 print(f"[fidelity] evaluating {run_name(d, s)}", flush=True)
                 results.setdefault(d, {})[s] = evaluate(args, d, s)
-    (out / "fidelity.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
-    md = render(args, results)
+    timing = None
+    if args.time_steps:
+        timing = {**time_steps(args.time_steps), "repeats": args.time_steps}
+    elif (out / "fidelity.json").exists():  # keep an earlier timing when only re-rendering
+        timing = json.loads((out / "fidelity.json").read_text()).get("timing")
+    (out / "fidelity.json").write_text(json.dumps({"args": vars(args), "results": results, "timing": timing},
+                                                  indent=2))
+    md = render(args, results, timing)
     (out / "fidelity.md").write_text(md)
     plot_curves(args, out / "curves.png")
     print(md)
