@@ -120,11 +120,18 @@ class ReadOut(nn.Module):
 
     def __init__(self, d: int, nhead: int, dim_ff: int, dropout: float = 0.0, query_residual: bool = True):
         super().__init__()
-        self.nhead, self.dh = nhead, d // nhead
         self.query_residual = query_residual
         self.norm_q, self.norm_out = nn.LayerNorm(d), nn.LayerNorm(d)
         self.attn = Attention(d, nhead)
         self.ff = FeedForward(d, dim_ff, dropout)
+
+    @property
+    def nhead(self) -> int:
+        return self.attn.nhead
+
+    @property
+    def dh(self) -> int:
+        return self.attn.dh
 
     def queries(self, x: torch.Tensor) -> torch.Tensor:
         """Raw query embeddings ``[..., D]`` -> ``[..., H, dh]``, pre-scaled so scores are plain dot products."""
@@ -143,14 +150,9 @@ class ReadOut(nn.Module):
         z = self.norm_out(z)
         return self.ff(z) + z
 
-    @staticmethod
-    def full(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Attention of ``q [B, M, H, dh]`` over all of ``k, v [B, N, H, dh]`` (fused SDPA): ``[B, M, H, dh]``."""
-        return Attention.attend(q, k, v)
-
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         k, v = self.keys_values(context)
-        return self.finish(x, self.full(self.queries(x), k, v))
+        return self.finish(x, Attention.attend(self.queries(x), k, v))
 
 
 class Head(nn.Module):
@@ -357,14 +359,14 @@ class ReTreever(nn.Module):
     def predict_full(self, ctx: Context) -> torch.Tensor:
         """Head output of full cross attention over all N context encodings (decoder "ca", and L_CA)."""
         k, v = ctx.enc_kv
-        return self.head(self.readout.finish(ctx.query_emb, self.readout.full(ctx.q, k, v)))
+        return self.head(self.readout.finish(ctx.query_emb, Attention.attend(ctx.q, k, v)))
 
     def predict_perceiver(self, ctx: Context) -> torch.Tensor:
         """Perceiver IO: L latents attend to the context, then the queries attend to the latents."""
         B = ctx.enc.shape[0]
         lat = self.latent_attn(self.latents.expand(B, -1, -1), ctx.enc)  # [B, L, D]
         k, v = self.readout.keys_values(lat)
-        return self.finish_head(ctx.query_emb, self.readout.full(ctx.q, k, v))
+        return self.finish_head(ctx.query_emb, Attention.attend(ctx.q, k, v))
 
     # ------------------------------------------------------------------------------ forward + losses
 
@@ -440,7 +442,7 @@ class ReTreever(nn.Module):
             return self.predict_perceiver(ctx)
         # Both read-outs free their keys and values before the feed-forward (a fair memory comparison).
         if c.decoder == "ca":
-            attn = self.readout.full(ctx.q, *ctx.enc_kv)
+            attn = Attention.attend(ctx.q, *ctx.enc_kv)
             ctx.enc_kv = None
         else:
             attn, _ = S.greedy_readout(ctx.kv, ctx.q)

@@ -184,7 +184,7 @@ class StepResult:
     node: torch.Tensor  # [B, M] chosen child's index at level s+1
     action: torch.Tensor  # [B, M] in [0, b)
     log_probs: torch.Tensor  # [B, M, b]
-    entropy: torch.Tensor  # [B, M] per-head entropy averaged over heads (head_entropy)
+    probs: torch.Tensor  # [B, M, b, H] each head's softmax over the children (head_entropy's input)
     scores: torch.Tensor  # [B, M, b, H] per-head attention scores (reused by the read-out)
     mask: torch.Tensor | None  # [B, M, b] children that exist (None: all of them)
 
@@ -202,7 +202,7 @@ def step(kv: TreeKV, q: torch.Tensor, s: int, node: torch.Tensor, mode: str = "g
     probs = head_probs(scores, mask)  # [B, M, b, H]
     logp = policy_log_probs(probs, mask)
     a = choose(logp, mode, generator) if action is None else action
-    return StepResult(node * kv.shape.b + a, a, logp, head_entropy(probs), scores, mask)
+    return StepResult(node * kv.shape.b + a, a, logp, probs, scores, mask)
 
 
 @dataclass
@@ -240,7 +240,7 @@ def descend(kv: TreeKV, q: torch.Tensor, mode: str = "greedy", actions: torch.Te
         r = step(kv, q, s, path[..., s], mode, None if actions is None else actions[..., s], generator, ws)
         if stats:
             log_prob = log_prob + r.log_probs.gather(-1, r.action.unsqueeze(-1)).squeeze(-1)
-            ent = ent + r.entropy
+            ent = ent + head_entropy(r.probs)
         path[..., s + 1] = r.node
         sib_logits.append(_sibling_logits(r.scores, r.mask, r.action.unsqueeze(-1)))
     if k > 0:
