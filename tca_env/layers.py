@@ -4,7 +4,8 @@ Every layer here is written once and used by the encoder, the tree's aggregator 
 
 * :class:`Attention`: multi-head attention with bias-free query / key / value projections and an output
   projection with bias; scores scaled by ``dh ** -0.5``; masked entries get the most negative finite
-  float (a fully masked row stays finite: it becomes a uniform average that callers then drop).
+  float (a fully masked row stays finite: it becomes a uniform average that callers then drop); dropout
+  on the attention weights in training.
 * :class:`FeedForward`: ``Linear(D, 2F)`` -> GEGLU (``a * gelu(g)`` of the two halves) -> ``Linear(F, D)``
   -> dropout.
 * :class:`EncoderLayer`: ``h = LN1(x); h = SelfAttn(h) + h; h = LN2(h); out = FF(h) + h``. The residual
@@ -30,11 +31,12 @@ class Attention(nn.Module):
     """Multi-head attention; :meth:`queries` and :meth:`keys_values` expose the projections so a tree's
     nodes are projected once and the search scores children with the same weights."""
 
-    def __init__(self, d: int, nhead: int):
+    def __init__(self, d: int, nhead: int, dropout: float = 0.0):
         super().__init__()
         if d % nhead:
             raise ValueError(f"model width {d} is not divisible by {nhead} heads")
         self.nhead, self.dh = nhead, d // nhead
+        self.dropout = dropout
         self.q = nn.Linear(d, d, bias=False)
         self.k = nn.Linear(d, d, bias=False)
         self.v = nn.Linear(d, d, bias=False)
@@ -49,12 +51,20 @@ class Attention(nn.Module):
         shape = (self.nhead, self.dh)
         return self.k(x).unflatten(-1, shape), self.v(x).unflatten(-1, shape)
 
+    @property
+    def p_drop(self) -> float:
+        """Dropout probability of the attention weights now: the configured one in training, else 0."""
+        return self.dropout if self.training else 0.0
+
     #: key sets up to this size use the broadcast form below (tree children, leaf buckets); larger ones SDPA
     small_set = 8
 
     @staticmethod
-    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+               dropout: float = 0.0) -> torch.Tensor:
         """``q [G, M, H, dh]`` (pre-scaled) over ``k, v [G, N, H, dh]``, ``mask [G, N]`` -> ``[G, M, H, dh]``.
+
+        ``dropout``: probability of dropping each attention weight (pass :attr:`p_drop`).
 
         Two backends of the same math: for small key sets (a node's children: the aggregator runs over
         thousands of groups of b or P entries) a broadcast multiply-sum, 2-6x faster forward + backward on a
@@ -64,19 +74,20 @@ class Attention(nn.Module):
             s = (q.unsqueeze(2) * k.unsqueeze(1)).sum(-1)  # [G, M, N, H]
             if mask is not None:
                 s = s.masked_fill(~mask[:, None, :, None], masked_fill_value(s.dtype))
-            return (s.softmax(2).unsqueeze(-1) * v.unsqueeze(1)).sum(2)  # [G, M, H, dh]
+            w = F.dropout(s.softmax(2), dropout) if dropout > 0 else s.softmax(2)
+            return (w.unsqueeze(-1) * v.unsqueeze(1)).sum(2)  # [G, M, H, dh]
         bias = None
         if mask is not None:  # additive mask: finite, so a fully masked row averages instead of NaN
             bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device)
             bias = bias.masked_fill(~mask, masked_fill_value(q.dtype))[:, None, None, :]  # [G, 1, 1, N]
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                             attn_mask=bias, scale=1.0)
+                                             attn_mask=bias, dropout_p=dropout, scale=1.0)
         return out.transpose(1, 2)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """``x [G, M, D]`` attends over ``context [G, N, D]`` (``mask [G, N]``: real entries) -> ``[G, M, D]``."""
         k, v = self.keys_values(context)
-        return self.out(self.attend(self.queries(x), k, v, mask).flatten(-2))
+        return self.out(self.attend(self.queries(x), k, v, mask, self.p_drop).flatten(-2))
 
 
 class FeedForward(nn.Module):
@@ -99,7 +110,7 @@ class EncoderLayer(nn.Module):
     def __init__(self, d: int, nhead: int, dim_ff: int, dropout: float = 0.0):
         super().__init__()
         self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.attn = Attention(d, nhead)
+        self.attn = Attention(d, nhead, dropout)
         self.ff = FeedForward(d, dim_ff, dropout)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:

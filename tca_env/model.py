@@ -50,9 +50,10 @@ class ModelConfig:
     """"quadratic": a Transformer encoder over the context (layers.EncoderLayer); "constant": no encoder."""
     enc_layers: int = 6
     dropout: float = 0.0
-    """Dropout of the feed-forward layers (encoder and read-out) and of the position encoding."""
-    agg_dropout: float = 0.0
-    """Dropout inside the tree aggregator (off: see tree.Aggregator)."""
+    """Dropout of the attention weights, the feed-forward outputs and the position encoding (encoder,
+    aggregator and read-out, as the reference applies it). The search policy's probabilities never get it."""
+    agg_dropout: float | None = None
+    """Dropout inside the tree aggregator (None: ``dropout``, as the reference)."""
     decoder: str = "tca"
     """Read-out: "tca" (tree search + attention over S), "ca" (all tokens), "perceiver" (latents)."""
     branch: int = 2
@@ -122,7 +123,7 @@ class ReadOut(nn.Module):
         super().__init__()
         self.query_residual = query_residual
         self.norm_q, self.norm_out = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.attn = Attention(d, nhead)
+        self.attn = Attention(d, nhead, dropout)
         self.ff = FeedForward(d, dim_ff, dropout)
 
     @property
@@ -152,7 +153,7 @@ class ReadOut(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         k, v = self.keys_values(context)
-        return self.finish(x, Attention.attend(self.queries(x), k, v))
+        return self.finish(x, Attention.attend(self.queries(x), k, v, dropout=self.attn.p_drop))
 
 
 class Head(nn.Module):
@@ -259,7 +260,8 @@ class ReTreever(nn.Module):
         self.readout = ReadOut(d, cfg.nhead, cfg.dim_ff, cfg.dropout, query_residual=cfg.decoder == "tca")
         self.head = Head(d, cfg.head, cfg.out_dim, cfg.std_form)
         if cfg.decoder == "tca":
-            self.aggregator = Aggregator(d, cfg.nhead, cfg.dim_ff, cfg.agg_dropout)
+            agg_drop = cfg.dropout if cfg.agg_dropout is None else cfg.agg_dropout
+            self.aggregator = Aggregator(d, cfg.nhead, cfg.dim_ff, agg_drop)
         if cfg.decoder == "perceiver":
             self.latents = nn.Parameter(torch.randn(self.num_latents, d) * 0.02)
             self.latent_attn = ReadOut(d, cfg.nhead, cfg.dim_ff, cfg.dropout, query_residual=False)
@@ -353,20 +355,21 @@ class ReTreever(nn.Module):
 
     def predict_path(self, ctx: Context, path: torch.Tensor, descent: S.Descent | None = None) -> torch.Tensor:
         """Head output ``[B, M, out]`` from attending over the retrieved set of ``path [B, M, k+1]``."""
-        attn = S.readout(ctx.kv, ctx.q, path, descent)
+        attn = S.readout(ctx.kv, ctx.q, path, descent, self.readout.attn.p_drop)
         return self.head(self.readout.finish(ctx.query_emb, attn))
 
     def predict_full(self, ctx: Context) -> torch.Tensor:
         """Head output of full cross attention over all N context encodings (decoder "ca", and L_CA)."""
         k, v = ctx.enc_kv
-        return self.head(self.readout.finish(ctx.query_emb, Attention.attend(ctx.q, k, v)))
+        attn = Attention.attend(ctx.q, k, v, dropout=self.readout.attn.p_drop)
+        return self.head(self.readout.finish(ctx.query_emb, attn))
 
     def predict_perceiver(self, ctx: Context) -> torch.Tensor:
         """Perceiver IO: L latents attend to the context, then the queries attend to the latents."""
         B = ctx.enc.shape[0]
         lat = self.latent_attn(self.latents.expand(B, -1, -1), ctx.enc)  # [B, L, D]
         k, v = self.readout.keys_values(lat)
-        return self.finish_head(ctx.query_emb, Attention.attend(ctx.q, k, v))
+        return self.finish_head(ctx.query_emb, Attention.attend(ctx.q, k, v, dropout=self.readout.attn.p_drop))
 
     # ------------------------------------------------------------------------------ forward + losses
 
@@ -388,7 +391,7 @@ class ReTreever(nn.Module):
             return self._plain_output(out, batch)
         if c.decoder == "perceiver":
             return self._plain_output(self.predict_perceiver(ctx), batch)
-        attn, descent = S.search_readout(ctx.kv, ctx.q, search, actions, generator)
+        attn, descent = S.search_readout(ctx.kv, ctx.q, search, actions, generator, self.readout.attn.p_drop)
         out = self.head(self.readout.finish(ctx.query_emb, attn))
         out_ca = self.predict_full(ctx) if with_ca else None
         loss, terms = self.tca_loss(out, batch.yt, descent.log_prob, descent.entropy, out_ca)

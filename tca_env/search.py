@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from .layers import masked_fill_value
 from .tree import Tree, TreeShape
@@ -312,8 +313,11 @@ def retrieved_set(tree: Tree, path: torch.Tensor) -> RetrievedSet:
     return RetrievedSet(torch.cat(levels), torch.cat(idx, -1), torch.cat(mask, -1))
 
 
-def readout(kv: TreeKV, q: torch.Tensor, path: torch.Tensor, descent: Descent | None = None) -> torch.Tensor:
+def readout(kv: TreeKV, q: torch.Tensor, path: torch.Tensor, descent: Descent | None = None,
+            dropout: float = 0.0) -> torch.Tensor:
     """Multi-head attention of each query over its retrieved set: ``[B, M, H, dh]``.
+
+    ``dropout``: probability of dropping each attention weight over S (training; never the policy's).
 
     The siblings' logits come from ``descent`` when given (the scores the policy already computed);
     otherwise they are recomputed from ``path``. Values are gathered one slot of S at a time and
@@ -338,7 +342,10 @@ def readout(kv: TreeKV, q: torch.Tensor, path: torch.Tensor, descent: Descent | 
     if tok_mask is not None:
         tok_scores = tok_scores.masked_fill(~tok_mask.unsqueeze(-1), masked_fill_value(q.dtype))
     logits.append(tok_scores)
-    attn = _softmax(torch.cat(logits, dim=2)).unsqueeze(-1)  # [B, M, |S|, H, 1]
+    attn = _softmax(torch.cat(logits, dim=2))  # [B, M, |S|, H]
+    if dropout > 0:
+        attn = F.dropout(attn, dropout)
+    attn = attn.unsqueeze(-1)  # [B, M, |S|, H, 1]
     del logits, tok_scores
     n = (b - 1) * k
     # Accumulate one slot of S at a time with an in-place multiply-add (autograd-safe: addcmul's
@@ -361,7 +368,7 @@ def greedy_readout(kv: TreeKV, q: torch.Tensor, with_path: bool = False) -> tupl
 
 
 def search_readout(kv: TreeKV, q: torch.Tensor, mode: str = "sample", actions: torch.Tensor | None = None,
-                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, Descent]:
+                   generator: torch.Generator | None = None, dropout: float = 0.0) -> tuple[torch.Tensor, Descent]:
     """:func:`descend` then :func:`readout`, differentiable (the fused trainer's forward).
 
     Returns the read-out ``[B, M, H, dh]`` and the :class:`Descent`.
@@ -369,7 +376,7 @@ def search_readout(kv: TreeKV, q: torch.Tensor, mode: str = "sample", actions: t
     if mode not in SEARCH_MODES:
         raise ValueError(f"unknown search mode {mode!r}; choose one of {SEARCH_MODES}")
     d = descend(kv, q, mode, actions, generator)
-    return readout(kv, q, d.path, d), d
+    return readout(kv, q, d.path, d, dropout), d
 
 
 def _softmax(x: torch.Tensor) -> torch.Tensor:

@@ -80,6 +80,24 @@ def test_attention_projections_are_bias_free_and_output_has_bias():
 
 
 @pytest.mark.parametrize("n", [4, 12])  # both attention backends: broadcast (small sets) and SDPA
+def test_attention_weight_dropout(n):
+    """Dropout acts on the attention weights in training only: eval mode is the plain attention, p = 1 drops
+    every weight (the output is the projection's bias alone), and the average over many draws is unbiased."""
+    mod = randomize(Attention(8, 2, dropout=0.3).double())
+    x, ctx = rand(2, 3, 8), rand(2, n, 8, seed=1)
+    expected = attn_ref(mod, x, ctx)
+    mod.eval()
+    torch.testing.assert_close(mod(x, ctx), expected, **TOL)
+    mod.train()
+    torch.manual_seed(0)
+    assert not torch.allclose(mod(x, ctx), expected)
+    mean = torch.stack([mod(x, ctx) for _ in range(4000)]).mean(0)
+    torch.testing.assert_close(mean, expected, rtol=0, atol=0.05)
+    mod.dropout = 1.0
+    torch.testing.assert_close(mod(x, ctx), mod.out.bias.expand(2, 3, 8), **TOL)
+
+
+@pytest.mark.parametrize("n", [4, 12])  # both attention backends: broadcast (small sets) and SDPA
 @pytest.mark.parametrize("masked", [False, True])
 def test_encoder_layer_residual_on_normalised_stream(masked, n):
     torch.manual_seed(0)

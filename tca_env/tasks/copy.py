@@ -1,9 +1,10 @@
 """The copy task of the TCA paper (the paper's "Copy task").
 
 The context is SOS followed by L/2 - 1 random characters from a vocabulary of 10, one-hot over
-12 classes (10 characters, SOS, EOS), at positions 0..L/2-1. The L/2 queries are zero vectors at
-positions L/2..L-1; query j must output context character L/2-1-j (the sequence reversed), and the
-last query, which mirrors SOS, must output EOS. The tree holds the L/2 context tokens.
+12 classes (10 characters, SOS, EOS), at positions 0..L/2-1. The L/2 queries are zero vectors with
+position encodings of their own, 0..L/2-1 (the reference implementation embeds the queries as a
+sequence of their own); query j must output context character L/2-1-j (the sequence reversed), and
+the last query, which mirrors SOS, must output EOS. The tree holds the L/2 context tokens.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ class CopyTask(Task):
 
     @property
     def max_position(self) -> int:
-        return self.seq_len
+        return self.n
 
     def sample(self, batch_size: int, generator: torch.Generator, device: torch.device | str = "cpu",
                split: str = "train") -> Batch:
@@ -54,5 +55,5 @@ class CopyTask(Task):
         targets = torch.cat([chars.flip(1), torch.full((batch_size, 1), EOS)], dim=1)  # [B, n]
         xc = F.one_hot(tokens, NUM_CLASSES).float()
         xt = torch.zeros(batch_size, n, NUM_CLASSES)
-        pos = torch.arange(2 * n)
-        return Batch(xc=xc, yc=None, xt=xt, yt=targets, pc=pos[:n], pt=pos[n:]).to(device)
+        pos = torch.arange(n)
+        return Batch(xc=xc, yc=None, xt=xt, yt=targets, pc=pos, pt=pos.clone()).to(device)
