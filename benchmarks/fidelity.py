@@ -218,7 +218,7 @@ def render(args: argparse.Namespace, results: dict[str, dict[int, dict[str, Any]
             row.append(f"{mean([p['paper'] for p in ps]):.3f} / {mean([p['pooled'] for p in ps]):.3f}" if ps else "-")
         lines.append(f"| {lo}-{hi} | " + " | ".join(row) + " |")
     lines += ["", "## Training time (one thread)", "",
-              "| run | steps | median ms / step | wall time (s, with evaluations) |", "|---|---|---|---|"]
+              "| run | steps | median ms / step | wall time of the last process (s) |", "|---|---|---|---|"]
     for d in has:
         for s in seeds:
             r = results[d].get(s)
@@ -226,7 +226,8 @@ def render(args: argparse.Namespace, results: dict[str, dict[int, dict[str, Any]
                 ms = f"{r['ms_per_step']:.1f}" if r.get("ms_per_step") else "-"
                 wall = f"{r['wall_time_s']:.0f}" if r.get("wall_time_s") else "-"
                 lines.append(f"| {d} seed {s} | {r['step']:,} | {ms} | {wall} |")
-    lines += ["", "The runs' step times come from their logged steps/s, with other runs sharing the two cores."]
+    lines += ["", "The runs' step times come from their logged steps/s, with other runs sharing the two cores. A run "
+              "resumed from a checkpoint reports the wall time of its last process only."]
     if timing:
         lines += ["", f"Timed in one process (`--time-steps {timing['repeats']}`: tca and ca alternating step by step, "
                   f"GP batches of 16, one thread, median): **tca {timing['tca_ms']:.1f} ms, ca "
