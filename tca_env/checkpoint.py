@@ -7,6 +7,7 @@ here so that ``gym.make("TreeRetrieval-v0", predictor="run/checkpoint.pt")`` nee
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,12 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> d
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+        # weights_only: tensors and plain Python values only. A pickle may name any callable, which
+        # unpickling would run: a checkpoint someone hands you must not be able to execute code.
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"refused to load {path}: it holds Python objects other than tensors and plain data, "
+                         f"and unpickling them could run code (this package's checkpoints never do): {e}") from e
     except Exception as e:  # torch raises several types for truncated / garbage files
         raise ValueError(f"checkpoint {path} is corrupt or unreadable: {e}") from e
     if isinstance(ckpt, dict) and ckpt.get("format") in OLD_FORMATS:

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import gymnasium as gym
 import pytest
 import torch
 
@@ -91,6 +92,29 @@ def test_corrupt_or_foreign_checkpoint_gives_clear_error(tmp_path):
     torch.save({"format": "tree-retrieval-checkpoint-v1", "model": {}}, tmp_path / "old.pt")
     with pytest.raises(ValueError, match="earlier version"):
         ckpt_io.load(tmp_path / "old.pt")
+
+
+class _Payload:
+    """Unpickling this creates a file: what a malicious checkpoint would do."""
+
+    def __init__(self, target):
+        self.target = str(target)
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.target),))
+
+
+def test_malicious_pickle_is_refused_and_never_runs(tmp_path):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    torch.save({"format": ckpt_io.FORMAT, "model": {}, "model_config": {}, "train_config": {}, "step": 0,
+                "x": _Payload(marker)}, evil)
+    with pytest.raises(ValueError, match="refused to load"):
+        ckpt_io.load(evil)
+    with pytest.raises(ValueError, match="refused to load"):
+        gym.make("TreeRetrieval-v0", predictor=str(evil))
+    assert main(["eval", "--checkpoint", str(evil)]) == 2
+    assert not marker.exists()
 
 
 def test_bad_config_values_are_rejected():
