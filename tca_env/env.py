@@ -20,6 +20,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 from gymnasium import spaces
+from gymnasium.error import ResetNeeded
 
 from . import search
 from .checkpoint import load_predictor
@@ -28,6 +29,24 @@ from .tasks import Batch, Task, make_task
 from .tree import TreeShape, tree_depth
 
 INVALID_ACTIONS = ("redirect", "error")
+#: the keys ``reset(options=...)`` understands
+RESET_OPTIONS = frozenset({"batch"})
+
+
+def as_action(action: Any) -> int:
+    """One env's action as a Python int: ints, numpy integers and 0-d integer arrays / tensors are accepted;
+    floats, bools and strings are refused (``int(1.7)`` would silently take child 1)."""
+    if isinstance(action, (bool, np.bool_)):
+        raise TypeError(f"an action is a child index (an integer); got the bool {action!r}")
+    if isinstance(action, (int, np.integer)):
+        return int(action)
+    if isinstance(action, (np.ndarray, torch.Tensor)) and action.ndim == 0:
+        dt = action.dtype
+        integer = (np.issubdtype(dt, np.integer) if isinstance(action, np.ndarray)
+                   else not (dt.is_floating_point or dt.is_complex or dt == torch.bool))
+        if integer:
+            return int(action.item())
+    raise TypeError(f"an action is a child index (an integer); got {type(action).__name__} {action!r}")
 
 
 # ------------------------------------------------------------------------------------ construction
@@ -218,6 +237,9 @@ class TreeQueries:
 
     def start(self, options: dict[str, Any], seed: int | None, rng: np.random.Generator) -> None:
         """Begin the next episodes on reset: a given batch, a new batch (seeded or first), or the next round."""
+        unknown = sorted(set(options) - RESET_OPTIONS)
+        if unknown:
+            raise ValueError(f"unknown reset option(s) {unknown}; the options are {sorted(RESET_OPTIONS)}")
         if "batch" in options:
             self.load_batch(options["batch"])
         elif seed is not None or not self.ready:
@@ -279,8 +301,12 @@ class TreeQueries:
 
     def step(self, action: torch.Tensor) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
         """Take child ``action [E]`` in every slot; returns the leaf rewards ``[E]`` (None before the leaf) and info."""
+        if not self.ready:
+            raise ResetNeeded("call reset() before step()")
         if self.done:
-            raise RuntimeError("the episodes of this round are over: reset before stepping again")
+            raise ResetNeeded("the episodes of this round are over: call reset() before stepping again")
+        if action.dtype.is_floating_point or action.dtype.is_complex or action.dtype == torch.bool:
+            raise TypeError(f"actions must be integers (child indices); got dtype {action.dtype}")
         action = action.to(self.device, torch.long).reshape(-1)
         if action.shape[0] != self.num_slots:
             raise ValueError(f"expected {self.num_slots} actions; got {action.shape[0]}")
@@ -423,7 +449,8 @@ class TreeRetrievalEnv(gym.Env):
     * ``seed``: seed of the first ``reset`` when that passes none (and of a fresh predictor's weights).
     * ``invalid_action``: ``"redirect"`` or ``"error"`` (see Action Space).
     * ``batch_size``: context sets per tree batch (each holds M queries, so B*M episodes per batch).
-    * ``render_mode``: ``"ansi"`` returns the path taken with the predictor's attention probabilities.
+    * ``render_mode``: ``"ansi"`` returns the path taken with the predictor's attention probabilities;
+      ``"rgb_array"`` an image of it (one row per tree level; what SB3's ``make_vec_env`` asks for).
 
     ``reset(seed=...)`` samples a new batch; ``reset()`` moves on to the next query (a new batch after
     the last). ``reset(options={"batch": batch})`` serves a given :class:`~tca_env.tasks.Batch`.
@@ -441,7 +468,7 @@ class TreeRetrievalEnv(gym.Env):
     * v0: Initial version.
     """
 
-    metadata = {"render_modes": ["ansi"], "render_fps": 4}
+    metadata = {"render_modes": ["ansi", "rgb_array"], "render_fps": 4}
 
     def __init__(self, task: str | Task = "copy", task_options: dict[str, Any] | None = None,
                  predictor: ReTreever | str | Path | None = None, branch: int | None = None,
@@ -471,7 +498,7 @@ class TreeRetrievalEnv(gym.Env):
         return self._obs(), {}
 
     def step(self, action):
-        a = int(action)
+        a = as_action(action)
         q = self.queries
         reward, info = q.step(torch.tensor([a]))
         self._trace.append((a, q.policy_probs[0].cpu().numpy(), bool(info["invalid_action"][0])))
@@ -483,6 +510,31 @@ class TreeRetrievalEnv(gym.Env):
         self._last = {"reward": float(reward[0]), **out}
         return self._obs(), float(reward[0]), True, False, out
 
+    def _frame(self) -> np.ndarray:
+        """The path so far as an image ``[row * (k + 1), width, 3]`` uint8: row l spans the b^l nodes of level l
+        over the width; the chosen node is blue (red when a masked action was redirected), its siblings orange
+        in proportion to the predictor's attention on them; the root row is pale blue."""
+        q = self.queries
+        k = q.k if q.ready else 0
+        W, row = self.frame_width, self.frame_row
+        img = np.full(((k + 1) * row, W, 3), 245, np.uint8)
+        img[: row - 2] = (200, 215, 235)
+        node = 0
+        for level, (a, probs, redirected) in enumerate(self._trace, start=1):
+            parent, node = node, node * q.b + a
+            edges = np.linspace(0, W, q.b**level + 1)
+            y = level * row
+            for c in range(q.b):
+                x0 = int(edges[parent * q.b + c])
+                x1 = max(int(edges[parent * q.b + c + 1]), x0 + 1)
+                if c == a:
+                    color = (200, 60, 40) if redirected else (31, 78, 160)
+                else:
+                    w = float(probs[c])
+                    color = tuple(int(245 + (t - 245) * w) for t in (240, 140, 30))
+                img[y: y + row - 2, x0:x1] = color
+        return img
+
     def _obs(self) -> dict[str, Any]:
         q = self.queries
         child, mask = q.terminal_children() if q.done else (q.child_emb, q.mask)
@@ -493,7 +545,12 @@ class TreeRetrievalEnv(gym.Env):
         """Which children may be taken now: ``[b]`` bool (for sb3-contrib's MaskablePPO)."""
         return self.queries.mask[0].cpu().numpy().copy()
 
-    def render(self) -> str | None:
+    #: ``rgb_array`` frames: width in pixels and height of one tree level
+    frame_width, frame_row = 512, 12
+
+    def render(self) -> str | np.ndarray | None:
+        if self.render_mode == "rgb_array":
+            return self._frame()
         if self.render_mode != "ansi":
             return None
         q = self.queries

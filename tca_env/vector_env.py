@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 from gymnasium import spaces
+from gymnasium.error import ResetNeeded
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
@@ -107,7 +108,7 @@ class TreeRetrievalVectorEnv(VectorEnv):
         q = self.queries
         if self._ended:
             if self.autoreset_mode == AutoresetMode.DISABLED:
-                raise RuntimeError("the episodes ended on the last step and autoreset is disabled: call reset()")
+                raise ResetNeeded("the episodes ended on the last step and autoreset is disabled: call reset()")
             # NEXT_STEP: this step only starts the next episodes; its actions are ignored.
             q.next_round(self.np_random)
             self._ended = False

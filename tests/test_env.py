@@ -11,6 +11,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
+from gymnasium.error import ResetNeeded
 from gymnasium.utils.env_checker import check_env
 from gymnasium.vector import AutoresetMode
 
@@ -97,7 +98,7 @@ def test_episode_is_one_tree_level_per_step_and_rewards_only_at_the_leaf():
     assert obs["action_mask"].tolist() == [0, 0] and not obs["child_emb"].any()
     text = env.render()
     assert "leaf bucket 7" in text and "predictor attention" in text
-    with pytest.raises(RuntimeError, match="reset"):
+    with pytest.raises(ResetNeeded, match="reset"):
         env.step(0)
 
 
@@ -261,7 +262,7 @@ def test_vector_env_autoreset_modes():
     off.reset(seed=0)
     for _ in range(k):
         off.step(np.zeros(16, dtype=np.int64))
-    with pytest.raises(RuntimeError, match="reset"):
+    with pytest.raises(ResetNeeded, match="reset"):
         off.step(np.zeros(16, dtype=np.int64))
     with pytest.raises(ValueError, match="reset_mask"):
         off.reset(options={"reset_mask": np.arange(16) < 8})
@@ -329,3 +330,54 @@ def test_given_predictor_is_shared_not_copied():
     env = TreeRetrievalEnv(task=task, predictor=model)
     venv = TreeRetrievalVectorEnv(4, task=task, predictor=model)
     assert env.predictor is model and venv.predictor is model
+
+
+def test_step_before_reset_bad_actions_and_unknown_reset_options_are_errors():
+    env = gym.make("TreeRetrieval-v0", task="copy", task_options={"seq_len": 16}, seed=0).unwrapped
+    vec = TreeRetrievalVectorEnv(4, task="copy", task_options={"seq_len": 16}, seed=0)
+    with pytest.raises(ResetNeeded, match="reset"):
+        env.step(0)
+    with pytest.raises(ResetNeeded, match="reset"):
+        vec.step(np.zeros(4, dtype=np.int64))
+    with pytest.raises(ValueError, match="unknown reset option"):
+        env.reset(options={"bacth": None})
+    with pytest.raises(ValueError, match="unknown reset option"):
+        vec.reset(options={"sede": 1})
+    env.reset(seed=0)
+    for bad in (1.7, "1", True, np.float32(1.0), np.array(1.0), np.array([1]), torch.tensor(1.0)):
+        with pytest.raises(TypeError, match="integer"):
+            env.step(bad)
+    # numpy integers and 0-d integer arrays / tensors are actions
+    for good in (np.int64(1), np.array(0), torch.tensor(1)):
+        env.reset()
+        assert env.step(good)[0]["depth"] == 1
+    vec.reset(seed=0)
+    with pytest.raises(TypeError, match="integers"):
+        vec.step(np.full(4, 1.0))
+    vec.step(np.ones(4, dtype=np.int32))
+
+
+def test_sb3_make_vec_env_and_rgb_frames():
+    from stable_baselines3.common.env_util import make_vec_env
+
+    venv = make_vec_env("TreeRetrieval-v0", n_envs=2, seed=0, env_kwargs={"task_options": {"seq_len": 16}})
+    obs = venv.reset()
+    assert obs["child_emb"].shape[0] == 2
+    obs, reward, done, info = venv.step(np.array([0, 1]))
+    assert not done.any()
+    obs, reward, done, info = venv.step(np.array([1, 0]))
+    assert done.all() and set(reward.tolist()) <= {0.0, 1.0}
+    venv.close()
+
+    env = gym.make("TreeRetrieval-v0", task_options={"seq_len": 16}, render_mode="rgb_array", seed=0)
+    env.reset()
+    env.step(1)
+    frame = env.render()
+    row, W = TreeRetrievalEnv.frame_row, TreeRetrievalEnv.frame_width
+    assert frame.dtype == np.uint8 and frame.shape == (3 * row, W, 3)  # k = 2 levels + the root
+    blue = np.array([31, 78, 160], np.uint8)
+    assert (frame[row, W // 2 + 1] == blue).all() and not (frame[row, W // 2 - 1] == blue).all()  # child 1 taken
+    env.step(0)
+    frame = env.render()
+    assert (frame[2 * row, W // 2 + 1] == blue).all()  # node 2 of level 2 spans the third quarter
+    assert not (frame[2 * row, 3 * W // 4 + 1] == blue).all()
