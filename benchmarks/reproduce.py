@@ -100,7 +100,8 @@ def run_one(task: str, decoder: str, seed: int, args: argparse.Namespace, out: P
     from training.config import build_config
     from training.cotrain import Trainer
 
-    flags: dict[str, Any] = dict(task=task, decoder=decoder, seed=seed, progress=False,
+    # resume: an interrupted run continues from its checkpoint
+    flags: dict[str, Any] = dict(task=task, decoder=decoder, seed=seed, progress=False, resume=True,
                                  run_dir=str(Path(args.runs_dir) / run_name(task, decoder, seed, args.steps)))
     if args.steps is not None:
         flags["steps"] = args.steps

@@ -133,7 +133,7 @@ def test_resume_restores_predictor_and_agent(tmp_path):
     assert resumed.step == 2 and resumed.agent.reward_ema == ema
     resumed.fit()
     assert resumed.step == 4
-    with pytest.raises(ValueError, match="agent 'reinforce'"):
+    with pytest.raises(ValueError, match=r"'agent': \('random', 'reinforce'\)"):
         CoTrainer(tiny(tmp_path, agent="random", steps=4, resume=True))
 
 

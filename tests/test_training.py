@@ -158,3 +158,19 @@ def test_cli_train_writes_tensorboard_scalars_and_eval_reads_checkpoint(tmp_path
                          cwd=Path(__file__).parents[1])
     assert res.returncode == 0, res.stderr
     assert "test/accuracy" in res.stdout
+
+
+def test_run_dir_defaults_per_configuration_and_a_second_run_is_refused(tmp_path):
+    assert build_config(task="gp", decoder="ca").run_dir == "runs/gp-ca-fused"
+    assert build_config("quick", task="copy").run_dir == "runs/copy-tca-fused-quick"
+    Trainer(tiny(tmp_path, steps=2)).fit()
+    run = tmp_path / "run"
+    before = (run / "checkpoint.pt").read_bytes()
+    with pytest.raises(ValueError, match="already holds a run"):
+        Trainer(tiny(tmp_path, steps=2, decoder="ca")).fit()
+    assert (run / "checkpoint.pt").read_bytes() == before  # nothing written
+    with pytest.raises(ValueError, match="another configuration"):
+        Trainer(tiny(tmp_path, steps=4, decoder="ca", resume=True))
+    Trainer(tiny(tmp_path, steps=2, decoder="ca", overwrite=True)).fit()
+    assert torch.load(run / "checkpoint.pt")["train_config"]["decoder"] == "ca"
+    assert len(list(run.glob("events.out.tfevents.*"))) == 1  # the replaced run's events are gone

@@ -3,7 +3,7 @@
     tca train --task copy --preset quick            # a few CPU minutes, prints held-out accuracy
     tca train --task copy --preset cpu --decoder ca # the shipped L = 256 config, full cross attention
     tca train --task copy --seq-len 128 --agent maskable_ppo --run-dir runs/copy-mppo  # an SB3 agent co-trains
-    tca eval --checkpoint runs/copy-quick/checkpoint.pt   # greedy predictor (+ its agent, if it had one)
+    tca eval --checkpoint runs/copy-tca-fused-quick/checkpoint.pt   # greedy predictor (+ its agent, if it had one)
 """
 
 from __future__ import annotations

@@ -69,8 +69,11 @@ class TrainConfig:
     eval_seed: int = opt(10_000, "Seed of the evaluation set (fixed across runs).")
     log_every: int = opt(25, "TensorBoard scalars every this many steps.")
     ckpt_every: int = opt(1000, "Checkpoint every this many steps (0: only at the end).")
-    run_dir: str = opt("runs/copy-tca", "Directory for TensorBoard events, checkpoints and the final report.")
-    resume: bool = opt(False, "Resume from run_dir/checkpoint.pt if it exists.")
+    run_dir: str | None = opt(None, "Directory for TensorBoard events, checkpoints and the final report "
+                              "(default: runs/<task>-<decoder>-<agent>[-<preset>]).")
+    resume: bool = opt(False, "Resume from run_dir/checkpoint.pt if it exists (the run's configuration must match).")
+    overwrite: bool = opt(False, "Replace the run in run_dir (its checkpoint, events and report) instead of "
+                          "refusing to write there.")
     seed: int = opt(0, "Seed of parameters, training batches and sampled searches.")
     device: str = opt("cpu", "Torch device (cpu, cuda, cuda:1, mps, ...).")
     threads: int = opt(1, "torch.set_num_threads for CPU training (1 is fastest for these small ops).")
@@ -106,7 +109,12 @@ class TrainConfig:
         overrides = {k: v for k, v in asdict(self).items() if k in model_fields and v is not None}
         return ModelConfig.for_task(task, **overrides)
 
+    def default_run_dir(self, preset: str | None = None) -> str:
+        return f"runs/{self.task}-{self.decoder}-{self.agent}" + (f"-{preset}" if preset else "")
+
     def validate(self) -> TrainConfig:
+        if self.run_dir is None:
+            self.run_dir = self.default_run_dir()
         for name in ("steps", "batch_size", "eval_size", "eval_batch", "log_every", "threads"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive; got {getattr(self, name)}")
@@ -122,7 +130,7 @@ def _cpu_preset(task: str, steps: int, eval_size: int = 1000, eval_batch: int = 
     """The "cpu" preset of the encoder tasks: a 2-layer encoder, batch 16, evaluation and a checkpoint
     halfway and at the end."""
     return dict(enc_layers=2, steps=steps, batch_size=16, eval_every=steps // 2, eval_size=eval_size,
-                eval_batch=eval_batch, ckpt_every=steps // 2, run_dir=f"runs/{task}-cpu")
+                eval_batch=eval_batch, ckpt_every=steps // 2)
 
 
 # Presets per task. "cpu": what we ship and measured on a 2-core CPU; "paper": the paper's protocol.
@@ -134,12 +142,12 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         # at 2,500 steps without).
         # Quick start: L = 64 (32 context tokens) learns to > 99% in a few CPU minutes.
         "quick": dict(seq_len=64, encoder="constant", dropout=0.0, beta1=0.1, steps=2500, batch_size=16,
-                      eval_every=500, run_dir="runs/copy-quick"),
+                      eval_every=500),
         # L = 256: the full attention (L_CA) takes off after ~3,500 steps at batch 16 and is exact by ~6,000.
         "cpu": dict(seq_len=256, encoder="constant", dropout=0.0, beta1=0.1, steps=12_000, batch_size=16,
-                    eval_every=2000, ckpt_every=2000, run_dir="runs/copy-cpu"),
+                    eval_every=2000, ckpt_every=2000),
         "paper": dict(seq_len=256, encoder="constant", dropout=0.1, beta1=0.1, steps=100_000, batch_size=128,
-                      eval_every=5000, run_dir="runs/copy-paper"),
+                      eval_every=5000),
     },
     # The meta-learning and activity tasks keep the paper's model (D = 64, 4 heads, feed-forward 128) and
     # its Transformer encoder; "cpu" cuts the encoder from 6 layers to 2 and trains a few thousand steps, so
@@ -148,25 +156,25 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "gp": {
         "cpu": _cpu_preset("gp", 4000, eval_size=3000),
         "paper": dict(enc_layers=6, steps=100_000, batch_size=16, eval_every=10_000, eval_size=48_000,
-                      eval_batch=16, ckpt_every=5000, run_dir="runs/gp-paper"),
+                      eval_batch=16, ckpt_every=5000),
     },
     # The paper gives no image budget; "paper" is our reading of the TNP protocol the paper builds on (200
     # epochs at batch 100), as steps on EMNIST's 24,000 training digits (48,000) and CelebA's 162,770 faces.
     "mnist": {
         "cpu": _cpu_preset("mnist", 2000),
         "paper": dict(enc_layers=6, steps=48_000, batch_size=100, eval_every=5000, eval_size=5000, eval_batch=100,
-                      ckpt_every=5000, run_dir="runs/mnist-paper"),
+                      ckpt_every=5000),
     },
     "faces": {
         "cpu": _cpu_preset("faces", 2000),
         "paper": dict(enc_layers=6, steps=325_540, batch_size=100, eval_every=20_000, eval_size=5000,
-                      eval_batch=100, ckpt_every=5000, run_dir="runs/faces-paper"),
+                      eval_batch=100, ckpt_every=5000),
     },
     # The paper gives no activity budget either; "paper" reuses the GP budget with the paper's model.
     "activity": {
         "cpu": _cpu_preset("activity", 3000, eval_batch=100),
         "paper": dict(enc_layers=6, steps=100_000, batch_size=16, eval_every=10_000, eval_size=5000,
-                      eval_batch=100, ckpt_every=5000, run_dir="runs/activity-paper"),
+                      eval_batch=100, ckpt_every=5000),
     },
 }
 
@@ -189,4 +197,7 @@ def build_config(preset: str | None = None, **flags: Any) -> TrainConfig:
     unknown = set(values) - known
     if unknown:
         raise ValueError(f"unknown config fields: {sorted(unknown)}")
-    return TrainConfig(**values).validate()
+    cfg = TrainConfig(**values)
+    if cfg.run_dir is None:
+        cfg.run_dir = cfg.default_run_dir(preset)
+    return cfg.validate()

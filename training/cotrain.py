@@ -54,7 +54,8 @@ def make_writer(run_dir: Path):
 class Trainer:
     """Trains a ReTreever (or its CA / Perceiver IO baselines) on one task."""
 
-    def __init__(self, cfg: TrainConfig):
+    def __init__(self, cfg: TrainConfig, load: bool = True):
+        """``load=False``: a subclass resumes by itself once it has built what the checkpoint restores."""
         self.cfg = cfg.validate()
         if cfg.agent != "fused" and type(self) is Trainer:
             raise ValueError(f"--agent {cfg.agent} trains through the environment: use CoTrainer (make_trainer)")
@@ -74,8 +75,24 @@ class Trainer:
         self.eval_sets = {split: self.task.eval_batches(cfg.eval_size, cfg.eval_batch, cfg.eval_seed, self.device,
                                                         split=split)
                           for split in self.task.eval_splits}
-        if cfg.resume and self.ckpt_path.exists():
+        if load and cfg.resume and self.ckpt_path.exists():
             self.load(self.ckpt_path)
+
+    #: train-config fields a resumed run must share with its checkpoint (the model config is checked whole)
+    RESUME_FIELDS = ("task", "seq_len", "kernel", "source", "decoder", "agent", "agent_options", "batch_size")
+
+    def claim_run_dir(self) -> None:
+        """Before writing: refuse a run dir that holds another run, unless this run resumed it or may overwrite it."""
+        cfg = self.cfg
+        previous = [p for p in (self.ckpt_path, self.run_dir / "results.json") if p.exists()]
+        if not previous or (cfg.resume and self.step > 0):
+            return
+        if cfg.overwrite:
+            for p in [*previous, *self.run_dir.glob("events.out.tfevents.*"), *self.run_dir.glob("*.agent.zip")]:
+                p.unlink()
+            return
+        raise ValueError(f"run dir {self.run_dir} already holds a run ({previous[0].name}); pass --resume true to "
+                         "continue it, --overwrite true to replace it, or another --run-dir")
 
     def model_config(self) -> ModelConfig:
         return self.cfg.model_config(self.task)
@@ -133,6 +150,12 @@ class Trainer:
 
     def load(self, path: Path) -> dict[str, Any]:
         ckpt = ckpt_io.load(path, self.device)
+        then = ckpt["train_config"]
+        now = {k: getattr(self.cfg, k) for k in self.RESUME_FIELDS}
+        diff = {k: (v, then.get(k)) for k, v in now.items() if then.get(k) != v}
+        if diff:
+            raise ValueError(f"checkpoint {path} belongs to a run with another configuration (now, then): {diff}; "
+                             "pass --overwrite true to replace it or choose another --run-dir")
         if ckpt["model_config"] != asdict(self.model.cfg):
             diff = {k: (v, ckpt["model_config"].get(k)) for k, v in asdict(self.model.cfg).items()
                     if ckpt["model_config"].get(k) != v}
@@ -148,6 +171,7 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         cfg = self.cfg
+        self.claim_run_dir()
         self.writer = make_writer(self.run_dir)
         desc = f"{cfg.task}/{cfg.decoder}" + ("" if cfg.agent == "fused" else f"/{cfg.agent}")
         self.bar = tqdm(total=cfg.steps, initial=self.step, disable=not cfg.progress, desc=desc, dynamic_ncols=True)
@@ -238,8 +262,7 @@ class CoTrainer(Trainer):
             raise ValueError("--agent fused is the paper's fused step: use Trainer")
         if cfg.lambda_rl:
             raise ValueError("--lambda-rl weighs the fused agent's L_RL; an external agent owns its RL loss")
-        super().__init__(replace(cfg, resume=False))
-        self.cfg = cfg
+        super().__init__(cfg, load=False)
         M = self.task.sample(1, torch.Generator().manual_seed(0)).M
         self.native = cfg.agent in ("reinforce", "random")
         # One round per tree batch: each predictor update sees batch_size context sets, as in the fused step.
