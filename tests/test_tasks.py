@@ -142,8 +142,12 @@ def test_copy_targets_are_reversed_context_then_eos() -> None:
     chars = b.xc.argmax(-1)  # [B, 6]
     assert (chars[:, 0] == SOS).all() and (chars[:, 1:] < 10).all()
     assert torch.equal(b.yt[:, :-1], chars[:, 1:].flip(1)) and (b.yt[:, -1] == EOS).all()
-    # Queries carry positions 0..5 of their own sequence, as the reference embeds them.
-    assert torch.equal(b.pc, torch.arange(6)) and torch.equal(b.pt, torch.arange(6))
+    assert torch.equal(b.pc, torch.arange(6)) and torch.equal(b.pt, torch.arange(6, 12))
+    # "own": the queries carry positions 0..5 of their own sequence, as the reference embeds them
+    own = CopyTask(seq_len=12, query_positions="own").sample(8, gen())
+    assert torch.equal(own.pt, torch.arange(6)) and torch.equal(own.yt, b.yt)
+    with pytest.raises(ValueError, match="query_positions"):
+        CopyTask(seq_len=12, query_positions="before")
     assert (b.xt == 0).all()
 
 

@@ -23,6 +23,9 @@ class TrainConfig:
     # --- task
     task: str = opt("copy", "Task to train on (copy, gp, mnist, faces, activity, ...).")
     seq_len: int | None = opt(None, "Copy task: sequence length L; the tree holds L/2 tokens, L/2 queries.")
+    query_positions: str | None = opt(None, "Copy task: query positions L/2..L-1 after the context (after, the "
+                                      "default) or 0..L/2-1 of their own (own, as the reference code).",
+                                      ("after", "own"))
     kernel: str | None = opt(None, "GP task: training kernel (rbf or matern52).")
     source: str | None = opt(None, "Data source of the images / activity tasks (e.g. synthetic: no data package).")
     # --- model (None: task / paper default)
@@ -83,6 +86,8 @@ class TrainConfig:
         out: dict[str, Any] = {}
         if self.seq_len is not None:
             out["seq_len"] = self.seq_len
+        if self.query_positions is not None:
+            out["query_positions"] = self.query_positions
         if self.kernel is not None:
             out["kernel"] = self.kernel
         if self.source is not None:
