@@ -1,9 +1,11 @@
-"""``tca``: train, evaluate and benchmark ReTreever from the command line.
+"""``tca``: train and evaluate ReTreever, and check a task, from the command line.
 
     tca train --task copy --preset quick            # a few CPU minutes, prints held-out accuracy
     tca train --task copy --preset cpu --decoder ca # the shipped L = 256 config, full cross attention
     tca train --task copy --seq-len 128 --agent maskable_ppo --run-dir runs/copy-mppo  # an SB3 agent co-trains
     tca eval --checkpoint runs/copy-tca-fused-quick/checkpoint.pt   # greedy predictor (+ its agent, if it had one)
+    tca check-task --checkpoint runs/copy-tca-fused-quick/checkpoint.pt  # does the reward depend on the path?
+    tca train --task my_pkg.my_tasks:MyTask --task-args '{"n": 10}'    # your own Task subclass
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tca", description="Tree Cross Attention (ReTreever) as a reinforcement-"
-                                "learning environment: train, evaluate and benchmark.")
+                                "learning environment: train, evaluate, and check a task's reward.")
     sub = p.add_subparsers(dest="command", required=True)
     presets = ", ".join(f"{t}: {'/'.join(ps)}" for t, ps in PRESETS.items())
     tr = sub.add_parser("train", help="Train a model on a task.",
@@ -65,6 +67,17 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default="cpu", help="Torch device (default: cpu).")
     ev.add_argument("--json", action="store_true", help="Print the result as JSON.")
     ev.add_argument("--png", default=None, help="Also save the task's figure (GP fits, image completions) here.")
+    ck = sub.add_parser("check-task", help="Check that a task's leaf reward depends on the path (for task authors).",
+                        description="Plays the trained predictor's greedy policy, a random policy and the leftmost "
+                        "policy on the same fixed-seed episodes of the checkpoint's task and reports their mean "
+                        "leaf reward. If greedy does not beat random by --margin, the path does not matter: an "
+                        "agent would have nothing to learn (tca_env.check).")
+    ck.add_argument("--checkpoint", required=True, help="A trained predictor's checkpoint.pt (its task is checked).")
+    ck.add_argument("--episodes", type=int, default=2048, help="Episodes per policy (default: 2048).")
+    ck.add_argument("--seed", type=int, default=0, help="Seed of the episodes (default: 0).")
+    ck.add_argument("--margin", type=float, default=0.05, help="Greedy-minus-random reward gap that counts as "
+                    "depending on the path (default: 0.05).")
+    ck.add_argument("--device", default="cpu", help="Torch device (default: cpu).")
     return p
 
 
@@ -109,10 +122,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check_task(args: argparse.Namespace) -> int:
+    from tca_env.check import check_task
+
+    from .cotrain import load_model
+
+    model, ckpt = load_model(args.checkpoint, args.device)
+    cfg = TrainConfig(**ckpt["train_config"])
+    result = check_task(cfg.make_task(), model, episodes=args.episodes, seed=args.seed, margin=args.margin,
+                        device=args.device)
+    print(f"task {cfg.task} {cfg.task_options()}:")
+    print(result.report(), end="")
+    return 0 if result.path_matters else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"train": cmd_train, "eval": cmd_eval}[args.command](args)
+        return {"train": cmd_train, "eval": cmd_eval, "check-task": cmd_check_task}[args.command](args)
     except (ValueError, FileNotFoundError, TypeError) as e:
         print(f"tca {args.command}: error: {e}", file=sys.stderr)
         return 2

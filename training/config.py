@@ -21,7 +21,10 @@ def opt(default: Any, help: str, choices: tuple | None = None) -> Any:  # noqa: 
 @dataclass
 class TrainConfig:
     # --- task
-    task: str = opt("copy", "Task to train on (copy, gp, mnist, faces, activity, ...).")
+    task: str = opt("copy", "Task to train on: copy, gp, mnist, faces, activity, or your own as "
+                    "package.module:ClassName (a tca_env.tasks.Task subclass or factory).")
+    task_args: str | None = opt(None, "JSON object of task constructor arguments, for any task (e.g. your own): "
+                                "'{\"n\": 10}'. The named task flags below take precedence.")
     seq_len: int | None = opt(None, "Copy task: sequence length L; the tree holds L/2 tokens, L/2 queries.")
     query_positions: str | None = opt(None, "Copy task: query positions L/2..L-1 after the context (after, the "
                                       "default) or 0..L/2-1 of their own (own, as the reference code).",
@@ -83,7 +86,7 @@ class TrainConfig:
     progress: bool = opt(True, "Show a progress bar.")
 
     def task_options(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
+        out: dict[str, Any] = _json_object(self.task_args, "--task-args")
         if self.seq_len is not None:
             out["seq_len"] = self.seq_len
         if self.query_positions is not None:
@@ -96,15 +99,7 @@ class TrainConfig:
 
     def agent_kwargs(self) -> dict[str, Any]:
         """``--agent-options`` parsed: a JSON object of agent constructor arguments."""
-        if not self.agent_options:
-            return {}
-        try:
-            out = json.loads(self.agent_options)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"--agent-options is not valid JSON: {e}") from e
-        if not isinstance(out, dict):
-            raise ValueError(f"--agent-options must be a JSON object; got {self.agent_options!r}")
-        return out
+        return _json_object(self.agent_options, "--agent-options")
 
     def make_task(self) -> Task:
         return make_task(self.task, **self.task_options())
@@ -127,8 +122,22 @@ class TrainConfig:
             raise ValueError(f"--lr must be positive; got {self.lr}")
         if self.agent != "fused" and self.decoder != "tca":
             raise ValueError(f"--agent {self.agent} searches a tree: it needs --decoder tca, not {self.decoder}")
-        self.agent_kwargs()  # a malformed --agent-options fails here, before any training
+        self.agent_kwargs()  # a malformed --agent-options or --task-args fails here, before any training
+        self.task_options()
         return self
+
+
+def _json_object(text: str | None, flag: str) -> dict[str, Any]:
+    """A flag's JSON object (``{}`` when unset); anything else is an error naming the flag."""
+    if not text:
+        return {}
+    try:
+        out = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{flag} is not valid JSON: {e}") from e
+    if not isinstance(out, dict):
+        raise ValueError(f"{flag} must be a JSON object; got {text!r}")
+    return out
 
 
 def _cpu_preset(task: str, steps: int, eval_size: int = 1000, eval_batch: int = 16) -> dict[str, Any]:

@@ -79,8 +79,8 @@ class Trainer:
             self.load(self.ckpt_path)
 
     #: train-config fields a resumed run must share with its checkpoint (the model config is checked whole)
-    RESUME_FIELDS = ("task", "seq_len", "query_positions", "kernel", "source", "decoder", "agent", "agent_options",
-                     "batch_size")
+    RESUME_FIELDS = ("task", "task_args", "seq_len", "query_positions", "kernel", "source", "decoder", "agent",
+                     "agent_options", "batch_size")
 
     def claim_run_dir(self) -> None:
         """Before writing: refuse a run dir that holds another run, unless this run resumed it or may overwrite it."""
