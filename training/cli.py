@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return {"train": cmd_train, "eval": cmd_eval, "check-task": cmd_check_task}[args.command](args)
-    except (ValueError, FileNotFoundError, TypeError) as e:
+    except (ValueError, FileNotFoundError, TypeError, ImportError) as e:  # one line, not a traceback
         print(f"tca {args.command}: error: {e}", file=sys.stderr)
         return 2
 

