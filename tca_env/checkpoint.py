@@ -6,6 +6,7 @@ here so that ``gym.make("TreeRetrieval-v0", predictor="run/checkpoint.pt")`` nee
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 from pathlib import Path
@@ -55,3 +56,15 @@ def load_predictor(path: str | os.PathLike, device: str | torch.device = "cpu") 
     except (RuntimeError, TypeError) as e:
         raise ValueError(f"checkpoint {path} does not match its own model config: {e}") from e
     return model.eval(), ckpt
+
+
+#: TrainConfig fields that are task constructor options
+TASK_OPTION_FIELDS = ("seq_len", "query_positions", "kernel", "source")
+
+
+def task_of(ckpt: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The task name and constructor options a checkpoint was trained on (from its train config)."""
+    tc = ckpt["train_config"]
+    options: dict[str, Any] = json.loads(tc["task_args"]) if tc.get("task_args") else {}
+    options.update({k: tc[k] for k in TASK_OPTION_FIELDS if tc.get(k) is not None})
+    return tc["task"], options

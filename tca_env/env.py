@@ -22,8 +22,8 @@ import torch
 from gymnasium import spaces
 from gymnasium.error import ResetNeeded
 
-from . import search
-from .checkpoint import load_predictor
+from . import pretrained, search
+from .checkpoint import load_predictor, task_of
 from .model import Context, ModelConfig, ReTreever
 from .tasks import Batch, Task, make_task
 from .tree import TreeShape, tree_depth
@@ -50,6 +50,66 @@ def as_action(action: Any) -> int:
 
 
 # ------------------------------------------------------------------------------------ construction
+
+def build_task_and_predictor(task: str | Task | None, task_options: dict[str, Any] | None,
+                             predictor: ReTreever | str | Path | None, branch: int | None = None,
+                             device: str | torch.device | None = None, seed: int | None = None,
+                             model_options: dict[str, Any] | None = None) -> tuple[Task, ReTreever]:
+    """An environment's task and predictor.
+
+    ``predictor``: a model, ``"fresh"`` or None (a new model for ``task``), ``"pretrained:<name>"`` (a
+    shipped predictor, :mod:`tca_env.pretrained`) or a checkpoint path. A shipped or saved predictor
+    brings the task it was trained on: ``task`` / ``task_options`` may be left out, and if given they must
+    agree with it (a contradiction is an error naming both values): a predictor trained on another task
+    size would hand out rewards at chance without a word.
+    """
+    if isinstance(predictor, str) and predictor == "fresh":
+        predictor = None
+    trained: tuple[str, dict[str, Any]] | None = None
+    if isinstance(predictor, (str, Path)):
+        if model_options:
+            raise ValueError("model_options configure a fresh predictor; a trained one was given")
+        if pretrained.is_pretrained(predictor):
+            predictor, meta = pretrained.load(str(predictor), device or "cpu")
+            trained = (meta["task"], meta["task_options"])
+        else:
+            predictor, ckpt = load_predictor(predictor, device or "cpu")
+            trained = task_of(ckpt)
+    if isinstance(task, Task):
+        return task, make_predictor(task, predictor, branch, device, seed, model_options)
+    options = dict(task_options or {})
+    if trained is not None:
+        name, opts = trained
+        if task is not None and task != name:
+            raise ValueError(f"task {task!r} given, but the predictor was trained on task {name!r}; pass "
+                             "predictor='fresh' to train a new one")
+        clash = _option_clash(name, opts, options)
+        if clash:
+            raise ValueError(f"task_options contradict the task the predictor was trained on (given, trained): "
+                             f"{clash}; pass predictor='fresh' to train a new one")
+        task, options = name, {**opts, **options}
+    built = make_task(task or "copy", **options)
+    return built, make_predictor(built, predictor, branch, device, seed, model_options)
+
+
+def _option_clash(name: str, trained: dict[str, Any], given: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """Options of ``given`` that change the task built from ``trained`` (defaults included): {key: (given, trained)}."""
+    if not given:
+        return {}
+    a, b = vars(make_task(name, **trained)), vars(make_task(name, **{**trained, **given}))
+    changed = {k for k in a if k in b and _plain(a[k]) and a[k] != b[k]}
+    out = {}
+    for k in given:
+        if k in changed or (k in trained and trained[k] != given[k]):
+            out[k] = (given[k], trained.get(k, a.get(k)))
+    if changed and not out:  # a given option changed a derived attribute
+        out = {k: (given[k], trained.get(k)) for k in given}
+    return out
+
+
+def _plain(x: Any) -> bool:
+    return isinstance(x, (int, float, str, bool, tuple)) or x is None
+
 
 def make_predictor(task: Task, predictor: ReTreever | str | Path | None = None, branch: int | None = None,
                    device: str | torch.device | None = None, seed: int | None = None,
@@ -470,15 +530,15 @@ class TreeRetrievalEnv(gym.Env):
 
     metadata = {"render_modes": ["ansi", "rgb_array"], "render_fps": 4}
 
-    def __init__(self, task: str | Task = "copy", task_options: dict[str, Any] | None = None,
+    def __init__(self, task: str | Task | None = None, task_options: dict[str, Any] | None = None,
                  predictor: ReTreever | str | Path | None = None, branch: int | None = None,
                  reward: str | None = None, device: str | torch.device | None = None, seed: int | None = None,
                  invalid_action: str = "redirect", batch_size: int = 1, model_options: dict[str, Any] | None = None,
                  render_mode: str | None = None):
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"unknown render_mode {render_mode!r}; choose one of {self.metadata['render_modes']}")
-        self.task = make_task(task, **(task_options or {})) if isinstance(task, str) else task
-        self.predictor = make_predictor(self.task, predictor, branch, device, seed, model_options)
+        self.task, self.predictor = build_task_and_predictor(task, task_options, predictor, branch, device, seed,
+                                                             model_options)
         self.queries = TreeQueries(self.task, self.predictor, 1, batch_size, reward, invalid_action)
         q = self.queries
         self.observation_space = observation_space(self.predictor.cfg.d_model, q.b, q.k_max)

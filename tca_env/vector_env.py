@@ -18,9 +18,9 @@ from gymnasium.error import ResetNeeded
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
-from .env import TreeQueries, make_predictor, observation_space
+from .env import TreeQueries, build_task_and_predictor, observation_space
 from .model import ReTreever
-from .tasks import Batch, Task, make_task
+from .tasks import Batch, Task
 
 ARRAY_TYPES = ("numpy", "torch")
 
@@ -56,7 +56,7 @@ class TreeRetrievalVectorEnv(VectorEnv):
 
     metadata = {"autoreset_mode": AutoresetMode.SAME_STEP, "render_modes": []}
 
-    def __init__(self, num_envs: int = 1, task: str | Task = "copy", task_options: dict[str, Any] | None = None,
+    def __init__(self, num_envs: int = 1, task: str | Task | None = None, task_options: dict[str, Any] | None = None,
                  predictor: ReTreever | str | Path | None = None, branch: int | None = None,
                  reward: str | None = None, device: str | torch.device | None = None, seed: int | None = None,
                  invalid_action: str = "redirect", batch_size: int | None = None,
@@ -69,8 +69,8 @@ class TreeRetrievalVectorEnv(VectorEnv):
             raise ValueError(f"unknown array_type {array_type!r}; choose one of {ARRAY_TYPES}")
         self.autoreset_mode = AutoresetMode(autoreset_mode)
         self.metadata = {**self.metadata, "autoreset_mode": self.autoreset_mode}
-        self.task = make_task(task, **(task_options or {})) if isinstance(task, str) else task
-        self.predictor = make_predictor(self.task, predictor, branch, device, seed, model_options)
+        self.task, self.predictor = build_task_and_predictor(task, task_options, predictor, branch, device, seed,
+                                                             model_options)
         self.queries = TreeQueries(self.task, self.predictor, num_envs, batch_size, reward, invalid_action,
                                    record_batches)
         self.num_envs, self.array_type = num_envs, array_type

@@ -66,7 +66,7 @@ def unexpected(caught):
 
 
 def test_gymnasium_check_env_passes_through_make():
-    env = gym.make("TreeRetrieval-v0", task_options=COPY, model_options=TINY, render_mode="ansi")
+    env = gym.make("TreeRetrieval-v0", predictor="fresh", task_options=COPY, model_options=TINY, render_mode="ansi")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         check_env(env.unwrapped)
@@ -308,14 +308,18 @@ def test_registration_is_idempotent_and_make_vec_gives_the_native_env():
     for env_id in tca_env.ENV_IDS:
         assert env_id in gym.registry
     venv = gym.make_vec("tca_env/TreeRetrieval-v0", num_envs=4, vectorization_mode="vector_entry_point",
-                        task_options=COPY, model_options=TINY)
+                        predictor="fresh", task_options=COPY, model_options=TINY)
     assert isinstance(venv, TreeRetrievalVectorEnv) and venv.num_envs == 4
     obs, _ = venv.reset(seed=0)
     assert obs["child_emb"].shape == (4, 2, 16)
+    # without arguments, the vector env gets the same shipped predictor and task as gym.make
+    shipped = gym.make_vec("TreeRetrieval-v0", num_envs=2, vectorization_mode="vector_entry_point")
+    assert shipped.task.seq_len == gym.make("TreeRetrieval-v0").unwrapped.task.seq_len == 64
 
 
 def test_make_by_module_id_in_a_fresh_interpreter():
-    code = ("import gymnasium as gym; env = gym.make('tca_env:TreeRetrieval-v0', task_options={'seq_len': 16}, "
+    code = ("import gymnasium as gym; env = gym.make('tca_env:TreeRetrieval-v0', predictor='fresh', "
+            "task_options={'seq_len': 16}, "
             "model_options={'d_model': 16, 'nhead': 2, 'encoder': 'constant'}); o, _ = env.reset(seed=0); "
             "print(type(env.unwrapped).__name__, o['child_emb'].shape)")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
@@ -333,7 +337,7 @@ def test_given_predictor_is_shared_not_copied():
 
 
 def test_step_before_reset_bad_actions_and_unknown_reset_options_are_errors():
-    env = gym.make("TreeRetrieval-v0", task="copy", task_options={"seq_len": 16}, seed=0).unwrapped
+    env = gym.make("TreeRetrieval-v0", predictor="fresh", task="copy", task_options={"seq_len": 16}, seed=0).unwrapped
     vec = TreeRetrievalVectorEnv(4, task="copy", task_options={"seq_len": 16}, seed=0)
     with pytest.raises(ResetNeeded, match="reset"):
         env.step(0)
@@ -360,7 +364,7 @@ def test_step_before_reset_bad_actions_and_unknown_reset_options_are_errors():
 def test_sb3_make_vec_env_and_rgb_frames():
     from stable_baselines3.common.env_util import make_vec_env
 
-    venv = make_vec_env("TreeRetrieval-v0", n_envs=2, seed=0, env_kwargs={"task_options": {"seq_len": 16}})
+    venv = make_vec_env("TreeRetrieval-v0", n_envs=2, seed=0, env_kwargs={"predictor": "fresh", "task_options": {"seq_len": 16}})
     obs = venv.reset()
     assert obs["child_emb"].shape[0] == 2
     obs, reward, done, info = venv.step(np.array([0, 1]))
@@ -369,7 +373,8 @@ def test_sb3_make_vec_env_and_rgb_frames():
     assert done.all() and set(reward.tolist()) <= {0.0, 1.0}
     venv.close()
 
-    env = gym.make("TreeRetrieval-v0", task_options={"seq_len": 16}, render_mode="rgb_array", seed=0)
+    env = gym.make("TreeRetrieval-v0", predictor="fresh", task_options={"seq_len": 16}, render_mode="rgb_array",
+                   seed=0)
     env.reset()
     env.step(1)
     frame = env.render()
