@@ -83,12 +83,18 @@ def check_task(task: str | Task, predictor: ReTreever | str | Path, task_options
     if episodes <= 0 or num_envs <= 0:
         raise ValueError(f"episodes and num_envs must be positive; got {episodes}, {num_envs}")
     num_envs = min(num_envs, episodes)
+    batch_size = None
+    probe = TreeRetrievalVectorEnv(1, task=task, task_options=task_options, predictor=predictor, device=device)
+    if len({probe.task.sample(1, torch.Generator().manual_seed(s)).M for s in range(8)}) > 1:
+        # The number of queries varies per batch (GP, images): lockstep rounds need one context set at a time.
+        num_envs, batch_size = 1, 1
+    task, predictor = probe.task, probe.predictor
     rounds = -(-episodes // num_envs)
     reward: dict[str, float] = {}
     metric: dict[str, float] = {}
     for policy in POLICIES:
-        env = TreeRetrievalVectorEnv(num_envs, task=task, task_options=task_options, predictor=predictor,
-                                     device=device, seed=seed, array_type="torch")
+        env = TreeRetrievalVectorEnv(num_envs, task=task, predictor=predictor, device=device, seed=seed,
+                                     batch_size=batch_size, array_type="torch")
         rng = np.random.default_rng(seed + 1)
         rewards, metrics = [], []
         env.reset(seed=seed)

@@ -364,7 +364,8 @@ def test_step_before_reset_bad_actions_and_unknown_reset_options_are_errors():
 def test_sb3_make_vec_env_and_rgb_frames():
     from stable_baselines3.common.env_util import make_vec_env
 
-    venv = make_vec_env("TreeRetrieval-v0", n_envs=2, seed=0, env_kwargs={"predictor": "fresh", "task_options": {"seq_len": 16}})
+    venv = make_vec_env("TreeRetrieval-v0", n_envs=2, seed=0,
+                        env_kwargs={"predictor": "fresh", "task_options": {"seq_len": 16}})
     obs = venv.reset()
     assert obs["child_emb"].shape[0] == 2
     obs, reward, done, info = venv.step(np.array([0, 1]))
