@@ -26,6 +26,7 @@ from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from stable_baselines3.common.vec_env import VecEnv
 from torch import nn
 
+from tca_env.check import predictor_policy
 from tca_env.env import TreeRetrievalEnv
 from tca_env.vector_env import TreeRetrievalVectorEnv
 
@@ -172,8 +173,26 @@ class RandomAgent:
         self.rng.bit_generator.state = state["rng"]
 
 
+class PredictorAgent:
+    """The predictor's own greedy attention policy as an agent (the argmax of its read-out attention over the
+    children; SB3-style ``predict``, nothing to learn): the reference that scores are normalised against."""
+
+    def __init__(self, predictor: Any):
+        self.predictor = predictor
+
+    def predict(self, obs: dict[str, Any], state: Any = None, episode_start: Any = None,
+                deterministic: bool = True) -> tuple[np.ndarray, None]:
+        dev = next(self.predictor.parameters()).device
+        t = {k: torch.as_tensor(np.asarray(v) if not isinstance(v, torch.Tensor) else v, device=dev)
+             for k, v in obs.items()}
+        pi = predictor_policy(self.predictor, t["query_emb"], t["child_emb"], t["action_mask"].bool())
+        return pi.argmax(-1).cpu().numpy(), None
+
+
 SB3_ALGORITHMS: dict[str, type[BaseAlgorithm]] = {"ppo": PPO, "a2c": A2C, "dqn": DQN, "maskable_ppo": MaskablePPO}
 AGENT_NAMES = ("reinforce", "random", *SB3_ALGORITHMS)
+#: agents that only act (evaluation references), not offered for co-training
+REFERENCE_AGENTS = ("predictor",)
 
 
 def _vector_env(env: Any) -> TreeRetrievalVectorEnv | None:
@@ -227,7 +246,7 @@ def sb3_defaults(name: str, num_envs: int, depth: int) -> dict[str, Any]:
 
 def make_agent(name: str, env: Any, **kwargs: Any) -> Any:
     """An agent by name, SB3-style (``policy_aliases``): ``"reinforce"``, ``"random"``, ``"ppo"``, ``"a2c"``,
-    ``"dqn"``, ``"maskable_ppo"``.
+    ``"dqn"``, ``"maskable_ppo"``, and ``"predictor"`` (the env predictor's own greedy policy; acts only).
 
     Args:
         env: a :class:`TreeRetrievalVectorEnv` (wrapped in :class:`SB3VecEnv` for SB3 algorithms), an
@@ -236,9 +255,11 @@ def make_agent(name: str, env: Any, **kwargs: Any) -> Any:
             (``policy_kwargs`` are merged key by key); :class:`~agents.attention.ReinforceAgent`'s for
             "reinforce" (its predictor is the env's); ``seed`` for "random".
     """
-    if name not in AGENT_NAMES:
-        raise ValueError(f"unknown agent {name!r}; choose one of {AGENT_NAMES}")
+    if name not in AGENT_NAMES + REFERENCE_AGENTS:
+        raise ValueError(f"unknown agent {name!r}; choose one of {AGENT_NAMES + REFERENCE_AGENTS}")
     tree_env = _tree_env(env)
+    if name == "predictor":
+        return PredictorAgent(tree_env.predictor)
     if name == "reinforce":
         return ReinforceAgent(tree_env.predictor, **kwargs)
     if name == "random":

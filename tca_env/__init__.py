@@ -32,4 +32,14 @@ def _register() -> None:
 
 _register()
 
-__all__ = ["Batch", "Task", "make_task", "ENV_IDS", "BENCHMARK_IDS"]
+
+
+def evaluate(*args, **kwargs):
+    """The one evaluation protocol (:func:`tca_env.evaluation.evaluate`): a policy's mean leaf reward with a
+    95% interval over fixed-seed episodes of an env id."""
+    from .evaluation import evaluate as _evaluate
+
+    return _evaluate(*args, **kwargs)
+
+
+__all__ = ["Batch", "Task", "make_task", "evaluate", "ENV_IDS", "BENCHMARK_IDS"]

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from . import search
+from .evaluation import evaluate
 from .model import ReTreever
 from .tasks import Task
 from .vector_env import TreeRetrievalVectorEnv
@@ -71,51 +72,39 @@ def predictor_policy(model: ReTreever, query_emb: torch.Tensor, child_emb: torch
     return search.policy_log_probs(search.head_probs(scores, m), m).exp().squeeze(1)
 
 
-def check_task(task: str | Task, predictor: ReTreever | str | Path, task_options: dict[str, Any] | None = None,
-               episodes: int = 2048, num_envs: int = 512, seed: int = 0, margin: float = 0.05,
-               device: str | torch.device | None = None) -> PathCheck:
-    """Play ``greedy``, ``random`` and ``leftmost`` on the same ``episodes`` fixed-seed episodes each.
+def check_task(task: str | Task, predictor: ReTreever | str | Path | None,
+               task_options: dict[str, Any] | None = None, episodes: int = 2048, num_envs: int = 512, seed: int = 0,
+               margin: float = 0.05, device: str | torch.device | None = None) -> PathCheck:
+    """Play ``greedy``, ``random`` and ``leftmost`` on the same ``episodes`` fixed-seed episodes each
+    (:func:`tca_env.evaluation.evaluate`, the package's one evaluation protocol).
 
     Args:
-        predictor: a trained :class:`~tca_env.model.ReTreever` or a checkpoint path.
+        predictor: a trained :class:`~tca_env.model.ReTreever`, a checkpoint path, ``"pretrained:<name>"``,
+            or None (a fresh predictor: its reward ignores the path, which the check then reports).
         margin: the greedy-minus-random reward gap below which the path is judged not to matter.
     """
     if episodes <= 0 or num_envs <= 0:
         raise ValueError(f"episodes and num_envs must be positive; got {episodes}, {num_envs}")
-    num_envs = min(num_envs, episodes)
-    batch_size = None
-    probe = TreeRetrievalVectorEnv(1, task=task, task_options=task_options, predictor=predictor, device=device)
-    if len({probe.task.sample(1, torch.Generator().manual_seed(s)).M for s in range(8)}) > 1:
-        # The number of queries varies per batch (GP, images): lockstep rounds need one context set at a time.
-        num_envs, batch_size = 1, 1
-    task, predictor = probe.task, probe.predictor
-    rounds = -(-episodes // num_envs)
+    env = TreeRetrievalVectorEnv(min(num_envs, episodes), task=task, task_options=task_options, predictor=predictor,
+                                 device=device, seed=seed)
+    model = env.predictor
+    rng = np.random.default_rng(seed + 1)
+
+    def greedy(obs: dict[str, Any]) -> np.ndarray:
+        t = {k: torch.as_tensor(v, device=env.device) for k, v in obs.items()}
+        return predictor_policy(model, t["query_emb"], t["child_emb"], t["action_mask"].bool()).argmax(-1).cpu().numpy()
+
+    def random(obs: dict[str, Any]) -> np.ndarray:
+        mask = np.asarray(obs["action_mask"]).astype(bool)
+        return np.where(mask, rng.random(mask.shape), -1.0).argmax(-1)
+
+    def leftmost(obs: dict[str, Any]) -> np.ndarray:
+        return np.asarray(obs["action_mask"]).astype(bool).argmax(-1)
+
     reward: dict[str, float] = {}
     metric: dict[str, float] = {}
-    for policy in POLICIES:
-        env = TreeRetrievalVectorEnv(num_envs, task=task, predictor=predictor, device=device, seed=seed,
-                                     batch_size=batch_size, array_type="torch")
-        rng = np.random.default_rng(seed + 1)
-        rewards, metrics = [], []
-        env.reset(seed=seed)
-        for _ in range(rounds):
-            done = False
-            while not done:
-                q = env.queries
-                mask = q.mask
-                if policy == "greedy":
-                    action = predictor_policy(env.predictor, q.query_emb, q.child_emb, mask).argmax(-1)
-                elif policy == "leftmost":
-                    action = mask.to(torch.uint8).argmax(-1)
-                else:
-                    u = torch.from_numpy(rng.random(tuple(mask.shape))).to(mask.device)
-                    action = u.masked_fill(~mask, -1.0).argmax(-1)
-                _, r, term, _, info = env.step(action)
-                done = bool(term.all())
-            final = info["final_info"]
-            rewards.append(r.double().cpu())
-            metrics.append(final["metric"].double().cpu())
-        reward[policy] = float(torch.cat(rewards)[:episodes].mean())
-        metric[policy] = float(torch.cat(metrics)[:episodes].mean())
-        env.close()
-    return PathCheck(reward, metric, rounds * num_envs if rounds * num_envs < episodes else episodes, margin)
+    for name, policy in (("greedy", greedy), ("random", random), ("leftmost", leftmost)):
+        out = evaluate(policy, episodes=episodes, seed=seed, env=env)
+        reward[name], metric[name] = out["reward"], out["metric"]
+        n = out["episodes"]
+    return PathCheck(reward, metric, n, margin)

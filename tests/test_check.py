@@ -88,3 +88,36 @@ def test_own_task_trains_evaluates_and_is_checked_from_the_cli(tmp_path, monkeyp
     greedy = float(out.split("greedy")[1].split()[1])
     assert greedy > 0.9  # it did learn: from the query alone
     assert np.isfinite(greedy)
+
+
+def test_evaluate_is_one_protocol_for_sb3_models_agents_and_callables():
+    from stable_baselines3 import PPO
+
+    from agents.sb3 import make_agent
+    from tca_env import evaluate
+    from tca_env.vector_env import TreeRetrievalVectorEnv
+
+    env = TreeRetrievalVectorEnv(64, task="copy", task_options={"seq_len": 16}, seed=0)
+    predictor = make_agent("predictor", env)
+    out = evaluate(predictor, env=env, episodes=500, seed=3)
+    assert out["episodes"] == 500 and 0.0 <= out["reward"] <= 1.0 and out["reward_ci95"] > 0
+    # the predictor agent is the env's own greedy attention policy: the same episodes score the same
+    def greedy(obs):
+        q, c, m = (torch.as_tensor(obs[k]) for k in ("query_emb", "child_emb", "action_mask"))
+        return predictor_policy(env.predictor, q, c, m.bool()).argmax(-1).numpy()
+
+    assert evaluate(greedy, env=env, episodes=500, seed=3) == out
+
+    def left(obs):
+        return np.zeros(len(obs["action_mask"]), dtype=np.int64)
+
+    # the same episodes for every policy: a constant policy's result does not depend on what ran before
+    assert evaluate(left, env=env, episodes=300, seed=3) == evaluate(left, env=env, episodes=300, seed=3)
+    ppo = PPO("MultiInputPolicy", make_vec_env_for(env), n_steps=8, batch_size=64, verbose=0)
+    assert 0.0 <= evaluate(ppo, env=env, episodes=200, seed=3)["reward"] <= 1.0
+
+
+def make_vec_env_for(env):
+    from agents.sb3 import SB3VecEnv
+
+    return SB3VecEnv(env)
