@@ -1,12 +1,12 @@
 """Reference scores of the benchmark ids: every agent at a fixed budget, scored by ``tca_env.evaluate``.
 
 For each id: the random policy, the leftmost child, the shipped predictor's own greedy policy
-(``make_agent("predictor", env)``), and REINFORCE (the paper's attention policy), PPO, A2C,
-DQN and MaskablePPO trained for ``--steps`` env steps on the frozen predictor (REINFORCE: the paper's
-attention policy, freshly initialised) (the package's defaults for
-TreeRetrieval, ``agents.sb3.sb3_defaults``), plus stock ``PPO("MultiInputPolicy", gym.make(id))`` with
-SB3's default hyperparameters on one env. Each is evaluated greedily on the same ``--episodes``
-fixed-seed episodes, with a 95% interval and a normalised score (random = 0, predictor greedy = 1).
+(``make_agent("predictor", env)``), and agents trained for ``--steps`` env steps on the frozen predictor
+with the package's defaults for TreeRetrieval (``agents.sb3.sb3_defaults``): REINFORCE on the paper's
+attention policy (freshly initialised), PPO, A2C, DQN and MaskablePPO; plus stock
+``PPO("MultiInputPolicy", gym.make(id))`` with SB3's default hyperparameters on one env. Each is
+evaluated greedily on the same ``--episodes`` fixed-seed episodes, with a 95% interval and a normalised
+score (random = 0, predictor greedy = 1).
 
     OMP_NUM_THREADS=1 python benchmarks/leaderboard.py                  # writes results/leaderboard.{json,md}
     OMP_NUM_THREADS=1 python benchmarks/leaderboard.py --steps 20000 --episodes 2000   # a quick look
