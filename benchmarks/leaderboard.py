@@ -138,9 +138,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="results", help="Where leaderboard.json / leaderboard.md go.")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    results = {env_id: run_id(env_id, args) for env_id in args.ids}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    previous = out / "leaderboard.json"
+    # Ids run before with the same budget stay in the table (run ids one at a time, or re-run one).
+    results: dict[str, Any] = {}
+    if previous.is_file():
+        old = json.loads(previous.read_text())
+        same = all(old["args"].get(k) == getattr(args, k) for k in ("steps", "stock_steps", "episodes", "eval_seed",
+                                                                     "seed", "envs"))
+        results = old["results"] if same else {}
+    results.update({env_id: run_id(env_id, args) for env_id in args.ids})
     (out / "leaderboard.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=2) + "\n")
     (out / "leaderboard.md").write_text(render(results, args))
     print(f"[leaderboard] wrote {out / 'leaderboard.md'}", flush=True)

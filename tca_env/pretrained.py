@@ -28,6 +28,7 @@ PREFIX = "pretrained:"
 #: benchmark env id -> shipped predictor (its task and options come from the predictor's JSON)
 ENV_IDS: dict[str, str] = {
     "TreeRetrieval-Copy-Easy-v0": "copy-easy",
+    "TreeRetrieval-Copy-Medium-v0": "copy-medium",
     "TreeRetrieval-GP-v0": "gp",
 }
 
