@@ -67,7 +67,7 @@ class ReinforceAgent:
         self.policy = AttentionPolicy(readout)
         self.device = next(predictor.parameters()).device
         self.optimizer = None if shared else torch.optim.Adam(self.policy.parameters(), lr=lr)
-        self.reward_ema = 0.0
+        self.reward_ema = torch.zeros((), device=self.device)
         self.generator = torch.Generator().manual_seed(seed)
 
     def act(self, obs: dict[str, Any], deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,18 +84,13 @@ class ReinforceAgent:
 
     def advantage(self, reward: torch.Tensor) -> torch.Tensor:
         """Reward minus the baseline; the "ema" baseline moves after it is used (as the fused model's)."""
-        if self.baseline == "batch_mean":
-            return reward - reward.mean()
-        if self.baseline == "ema":
-            adv = reward - self.reward_ema
-            self.reward_ema = self.ema_decay * self.reward_ema + (1 - self.ema_decay) * float(reward.mean())
-            return adv
-        return reward
+        return search.advantage(reward, self.baseline, self.reward_ema, self.ema_decay)
 
     def loss(self, log_prob: torch.Tensor, entropy: torch.Tensor, reward: torch.Tensor) -> torch.Tensor:
-        """REINFORCE with entropy bonus from path log-probs, path entropies and rewards (all ``[...]``)."""
+        """REINFORCE with entropy bonus from path log-probs, path entropies and rewards (all ``[...]``): the
+        fused step's definition (:func:`tca_env.search.reinforce_loss`)."""
         adv = self.advantage(reward.detach())
-        return -(log_prob * adv).mean() - self.entropy_coef * entropy.mean()
+        return search.reinforce_loss(log_prob, entropy, adv, self.entropy_coef)
 
     def update(self, log_prob: torch.Tensor, entropy: torch.Tensor, reward: torch.Tensor,
                clip: float | None = 1.0) -> float:
@@ -112,7 +107,8 @@ class ReinforceAgent:
 
     def state_dict(self) -> dict[str, Any]:
         return {"shared": self.shared, "entropy_coef": self.entropy_coef, "baseline": self.baseline,
-                "ema_decay": self.ema_decay, "reward_ema": self.reward_ema, "generator": self.generator.get_state(),
+                "ema_decay": self.ema_decay, "reward_ema": float(self.reward_ema),
+                "generator": self.generator.get_state(),
                 "policy": None if self.shared else self.policy.state_dict(),
                 "optimizer": None if self.optimizer is None else self.optimizer.state_dict()}
 
@@ -120,7 +116,7 @@ class ReinforceAgent:
         if state["shared"] != self.shared:
             raise ValueError(f"saved agent has shared={state['shared']}, this one shared={self.shared}")
         self.entropy_coef, self.baseline, self.ema_decay = state["entropy_coef"], state["baseline"], state["ema_decay"]
-        self.reward_ema = state["reward_ema"]
+        self.reward_ema = torch.tensor(float(state["reward_ema"]), device=self.device)
         self.generator.set_state(state["generator"])
         if not self.shared:
             self.policy.load_state_dict(state["policy"])

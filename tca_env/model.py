@@ -21,7 +21,7 @@ from .tree import Aggregator, Tree, TreeShape, build_tree, retrieved_size
 
 DECODERS = ("tca", "ca", "perceiver")
 ENCODERS = ("quadratic", "constant")
-BASELINES = ("none", "batch_mean", "ema")
+BASELINES = S.BASELINES
 STD_FORMS = ("exp", "bounded")
 
 
@@ -407,16 +407,8 @@ class ReTreever(nn.Module):
         return Output(out, loss, terms, self.head.metric(out.detach(), batch.yt))
 
     def advantage(self, reward: torch.Tensor) -> torch.Tensor:
-        """Reward minus the configured baseline (the "ema" baseline is updated in training mode)."""
-        kind = self.cfg.rl_baseline
-        if kind == "batch_mean":
-            return reward - reward.mean()
-        if kind == "ema":
-            adv = reward - self.reward_ema
-            if self.training:
-                self.reward_ema.mul_(0.99).add_(0.01 * reward.mean())
-            return adv
-        return reward
+        """Reward minus the configured baseline (the "ema" baseline moves in training mode)."""
+        return S.advantage(reward, self.cfg.rl_baseline, self.reward_ema, update=self.training)
 
     def tca_loss(self, out: torch.Tensor, y: torch.Tensor, log_prob: torch.Tensor, ent: torch.Tensor,
                  out_ca: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -424,8 +416,7 @@ class ReTreever(nn.Module):
         c = self.cfg
         l_tca = self.head.loss(out, y).mean()
         reward = self.head.reward(out, y, c.reward)  # [B, M]
-        adv = self.advantage(reward)
-        l_rl = -(log_prob * adv).mean() - c.entropy_coef * ent.mean()
+        l_rl = S.reinforce_loss(log_prob, ent, self.advantage(reward), c.entropy_coef)
         loss = l_tca + c.lambda_rl * l_rl
         terms = {"loss_tca": l_tca.detach(), "loss_rl": l_rl.detach(), "reward": reward.mean(),
                  "entropy": ent.detach().mean()}

@@ -155,6 +155,35 @@ def head_entropy(probs: torch.Tensor) -> torch.Tensor:
     return -(probs * (probs + 1e-9).log()).sum(2).mean(-1)
 
 
+BASELINES = ("none", "batch_mean", "ema")
+
+
+def advantage(reward: torch.Tensor, baseline: str = "none", ema: torch.Tensor | None = None, decay: float = 0.99,
+              update: bool = True) -> torch.Tensor:
+    """REINFORCE's reward minus its baseline: none (the paper's), the batch mean, or a moving average of the mean
+    reward held in the 0-d tensor ``ema``, which moves (``ema <- decay * ema + (1 - decay) * mean``) after it is
+    used when ``update``."""
+    if baseline == "batch_mean":
+        return reward - reward.mean()
+    if baseline == "ema":
+        if ema is None:
+            raise ValueError("the 'ema' baseline needs its moving-average tensor")
+        adv = reward - ema
+        if update:
+            ema.mul_(decay).add_((1 - decay) * reward.detach().mean())
+        return adv
+    if baseline != "none":
+        raise ValueError(f"unknown baseline {baseline!r}; choose one of {BASELINES}")
+    return reward
+
+
+def reinforce_loss(log_prob: torch.Tensor, entropy: torch.Tensor, adv: torch.Tensor,
+                   entropy_coef: float) -> torch.Tensor:
+    """The search policy's loss, the one definition the fused step and the REINFORCE agent share:
+    ``-mean(log pi(path) * advantage) - entropy_coef * mean(H)`` (the advantage carries no gradient)."""
+    return -(log_prob * adv.detach()).mean() - entropy_coef * entropy.mean()
+
+
 def entropy(log_probs: torch.Tensor) -> torch.Tensor:
     """Entropy of each distribution over the last dim (zero-probability entries contribute 0): the entropy
     of a policy known only through its log-probabilities (an external agent's)."""
