@@ -112,7 +112,7 @@ def render(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
              f"fixed-seed episodes for every policy, seed {args.eval_seed}; 95% interval of the mean). Normalised: "
              "random = 0, the shipped predictor's greedy policy = 1. Trained agents learn on the frozen shipped "
              "predictor with the package's defaults (`agents.sb3.sb3_defaults`; REINFORCE on "
-             "of the paper's attention policy, freshly initialised).", ""]
+             "the paper's attention policy, freshly initialised).", ""]
     for env_id, rows in results.items():
         lines += [f"## `{env_id}`", "", "| policy | mean leaf reward | 95% interval | normalised | training |",
                   "|---|---|---|---|---|"]
