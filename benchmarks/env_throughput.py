@@ -22,15 +22,11 @@ import argparse
 import json
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-
-# Run as a script, this folder comes first on sys.path, and its agents.py would shadow the agents package.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def make_env(num_envs: int, seq_len: int, array_type: str):

@@ -37,8 +37,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 BINS = ((3, 10), (11, 20), (21, 30), (31, 46))
 SPLITS = (("test", "RBF"), ("matern52", "Matern 5/2"))
 # The official code (BorealisAI/tree-cross-attention), trained and evaluated on this machine's CPU with the

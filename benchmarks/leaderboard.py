@@ -21,24 +21,21 @@ import time
 from pathlib import Path
 from typing import Any
 
+import gymnasium as gym
 import numpy as np
 import torch
+from stable_baselines3 import PPO
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import gymnasium as gym  # noqa: E402
-from stable_baselines3 import PPO  # noqa: E402
-
-import tca_env  # noqa: E402
-from agents.attention import ReinforceAgent  # noqa: E402
-from agents.sb3 import SB3VecEnv, make_agent  # noqa: E402
-from tca_env import search  # noqa: E402
-from tca_env.evaluation import evaluate, varying_queries  # noqa: E402
-from tca_env.model import ReTreever  # noqa: E402
-from tca_env.vector_env import TreeRetrievalVectorEnv  # noqa: E402
+import tca_env
+from agents.attention import ReinforceAgent
+from agents.sb3 import SB3VecEnv, make_agent
+from tca_env import search
+from tca_env.evaluation import evaluate, varying_queries
+from tca_env.model import ReTreever
+from tca_env.vector_env import TreeRetrievalVectorEnv
 
 TRAINED = ("reinforce", "ppo", "a2c", "dqn", "maskable_ppo")
+
 
 
 def train_reinforce(env: TreeRetrievalVectorEnv, steps: int, seed: int) -> ReinforceAgent:

@@ -30,9 +30,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-# Run as a script, this folder comes first on sys.path, and its agents.py would shadow the agents package.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 TASKS = ("gp", "mnist", "faces", "activity")
 DECODERS = ("tca", "ca", "perceiver")
 ROWS = ("ca", "perceiver", "tca")  # the paper's row order

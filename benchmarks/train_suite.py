@@ -18,10 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from tca_env import pretrained  # noqa: E402
+from tca_env import pretrained
 
 #: name -> (``tca train`` arguments, what it is)
 SUITE: dict[str, tuple[list[str], str]] = {
@@ -36,6 +33,8 @@ SUITE: dict[str, tuple[list[str], str]] = {
             "--seed", "0"],
            "GP regression (RBF), the paper's model and budget (100,000 steps x 16)"),
 }
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def command(name: str) -> str:

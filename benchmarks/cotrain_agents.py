@@ -5,8 +5,8 @@ reference settings (D = 64, no encoder, dropout 0.1, Adam beta1 0.1), batch 16, 
 budget (``--steps`` updates) for every agent. Each agent runs ``tca train --agent NAME`` in a fresh
 process, one after the other; the random agent, co-trained with the same budget, is the floor.
 
-    python benchmarks/agents.py                                   # all agents, bench_out/agents.{json,md}
-    python benchmarks/agents.py --agents reinforce ppo --extra "--reward nce" --name agents-nce
+    python benchmarks/cotrain_agents.py                                   # all agents, bench_out/agents.{json,md}
+    python benchmarks/cotrain_agents.py --agents reinforce ppo --extra "--reward nce" --name agents-nce
 
 Accuracy is the held-out greedy accuracy (``eval/test/accuracy``: 1,000 fixed sequences, the agent's
 greedy path, the predictor's prediction from S). Nothing here asserts.
