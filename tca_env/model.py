@@ -52,6 +52,9 @@ class ModelConfig:
     dropout: float = 0.0
     """Dropout of the attention weights, the feed-forward outputs and the position encoding (encoder,
     aggregator and read-out, as the reference applies it). The search policy's probabilities never get it."""
+    policy_dropout: bool = False
+    """Also drop the search policy's per-head probabilities (``dropout``), as the reference implementation
+    samples (off by default: see search.step)."""
     agg_dropout: float | None = None
     """Dropout inside the tree aggregator (None: ``dropout``, as the reference)."""
     decoder: str = "tca"
@@ -391,7 +394,9 @@ class ReTreever(nn.Module):
             return self._plain_output(out, batch)
         if c.decoder == "perceiver":
             return self._plain_output(self.predict_perceiver(ctx), batch)
-        attn, descent = S.search_readout(ctx.kv, ctx.q, search, actions, generator, self.readout.attn.p_drop)
+        p_drop = self.readout.attn.p_drop
+        attn, descent = S.search_readout(ctx.kv, ctx.q, search, actions, generator, p_drop,
+                                         p_drop if c.policy_dropout else 0.0)
         out = self.head(self.readout.finish(ctx.query_emb, attn))
         out_ca = self.predict_full(ctx) if with_ca else None
         loss, terms = self.tca_loss(out, batch.yt, descent.log_prob, descent.entropy, out_ca)

@@ -221,15 +221,21 @@ class StepResult:
 
 def step(kv: TreeKV, q: torch.Tensor, s: int, node: torch.Tensor, mode: str = "greedy",
          action: torch.Tensor | None = None, generator: torch.Generator | None = None,
-         ws: torch.Tensor | None = None) -> StepResult:
+         ws: torch.Tensor | None = None, policy_dropout: float = 0.0) -> StepResult:
     """Descend one level from ``node`` (at level s) for every query; ``action`` overrides the choice.
 
     ``ws``: optional gather workspace from :func:`workspace` (inference only).
+    ``policy_dropout``: the reference implementation's sampling, off by default: dropout on each head's
+    probabilities before they are averaged, so the policy sampled from (and whose log-probability is
+    reinforced) is a noisy, unnormalised weighting. A node whose every child weight is dropped is sampled
+    uniformly (where the reference's sampler fails).
     """
     if not 0 <= s < kv.shape.k:
         raise ValueError(f"step {s} out of range for a tree of depth {kv.shape.k}")
     scores, mask = child_scores(kv, q, s, node, ws)
     probs = head_probs(scores, mask)  # [B, M, b, H]
+    if policy_dropout > 0:
+        probs = F.dropout(probs, policy_dropout)
     logp = policy_log_probs(probs, mask)
     a = choose(logp, mode, generator) if action is None else action
     return StepResult(node * kv.shape.b + a, a, logp, probs, scores, mask)
@@ -253,7 +259,7 @@ class Descent:
 
 
 def descend(kv: TreeKV, q: torch.Tensor, mode: str = "greedy", actions: torch.Tensor | None = None,
-            generator: torch.Generator | None = None, stats: bool = True) -> Descent:
+            generator: torch.Generator | None = None, stats: bool = True, policy_dropout: float = 0.0) -> Descent:
     """Run :func:`step` k times (a loop over levels only). ``actions [B, M, k]`` replays a given path.
 
     ``stats=False`` skips the path log-probability and entropy (zeros), which greedy inference never uses.
@@ -267,7 +273,8 @@ def descend(kv: TreeKV, q: torch.Tensor, mode: str = "greedy", actions: torch.Te
     ent = q.new_zeros(B, M)
     ws = workspace(q, kv.shape.b)
     for s in range(k):
-        r = step(kv, q, s, path[..., s], mode, None if actions is None else actions[..., s], generator, ws)
+        r = step(kv, q, s, path[..., s], mode, None if actions is None else actions[..., s], generator, ws,
+                 policy_dropout)
         if stats:
             log_prob = log_prob + r.log_probs.gather(-1, r.action.unsqueeze(-1)).squeeze(-1)
             ent = ent + head_entropy(r.probs)
@@ -397,14 +404,15 @@ def greedy_readout(kv: TreeKV, q: torch.Tensor, with_path: bool = False) -> tupl
 
 
 def search_readout(kv: TreeKV, q: torch.Tensor, mode: str = "sample", actions: torch.Tensor | None = None,
-                   generator: torch.Generator | None = None, dropout: float = 0.0) -> tuple[torch.Tensor, Descent]:
+                   generator: torch.Generator | None = None, dropout: float = 0.0,
+                   policy_dropout: float = 0.0) -> tuple[torch.Tensor, Descent]:
     """:func:`descend` then :func:`readout`, differentiable (the fused trainer's forward).
 
     Returns the read-out ``[B, M, H, dh]`` and the :class:`Descent`.
     """
     if mode not in SEARCH_MODES:
         raise ValueError(f"unknown search mode {mode!r}; choose one of {SEARCH_MODES}")
-    d = descend(kv, q, mode, actions, generator)
+    d = descend(kv, q, mode, actions, generator, policy_dropout=policy_dropout)
     return readout(kv, q, d.path, d, dropout), d
 
 

@@ -181,3 +181,23 @@ def test_underflowed_child_probability_keeps_gradients_finite(masked):
     assert torch.isfinite(logp[..., :2]).all() and (logp[..., 2].isinf().item() == masked)
     (S.head_entropy(probs).sum() + S.entropy(logp).sum() + logp[..., 0].sum()).backward()
     assert torch.isfinite(scores.grad).all()
+
+
+@torch.no_grad()
+def test_policy_dropout_is_the_references_noisy_sampling():
+    """Off, it changes nothing; with every weight dropped, a node's children are sampled uniformly (real ones
+    only) where the reference's sampler would fail; in between, the log-probabilities are those of the
+    dropped, unnormalised per-head weights averaged over heads."""
+    model, batch = small_model()
+    ctx = model.prepare(batch)
+    g = lambda: torch.Generator().manual_seed(5)  # noqa: E731
+    base = S.descend(ctx.kv, ctx.q, "sample", generator=g())
+    same = S.descend(ctx.kv, ctx.q, "sample", generator=g(), policy_dropout=0.0)
+    assert torch.equal(base.path, same.path) and torch.equal(base.log_prob, same.log_prob)
+    r = S.step(ctx.kv, ctx.q, 0, torch.zeros(2, 5, dtype=torch.long), "sample", generator=g(), policy_dropout=1.0)
+    assert torch.isfinite(r.log_probs[r.mask] if r.mask is not None else r.log_probs).all()
+    assert (r.probs == 0).all()  # every weight dropped
+    torch.manual_seed(0)
+    r = S.step(ctx.kv, ctx.q, 0, torch.zeros(2, 5, dtype=torch.long), "sample", generator=g(), policy_dropout=0.5)
+    kept = r.probs.mean(-1)  # [B, M, b] the dropped, rescaled weights averaged over heads
+    torch.testing.assert_close(r.log_probs.exp(), kept.clamp_min(torch.finfo(kept.dtype).tiny))

@@ -41,7 +41,9 @@ class TrainConfig:
     encoder: str | None = opt(None, "Context encoder: quadratic (Transformer) or constant (none).",
                               ("quadratic", "constant"))
     enc_layers: int | None = opt(None, "Transformer encoder layers (paper: 6).")
-    dropout: float | None = opt(None, "Dropout of encoder and read-out.")
+    dropout: float | None = opt(None, "Dropout of attention weights, feed-forward outputs and the position encoding.")
+    policy_dropout: bool | None = opt(None, "Also drop the search policy's per-head probabilities, as the reference "
+                                      "code samples (default: no).")
     branch: int | None = opt(None, "Tree branch factor b (paper: 2).")
     ordering: str | None = opt(None, "Tree ordering: natural, coord, projection or kd (task default).",
                                ("natural", "coord", "projection", "kd"))

@@ -157,9 +157,10 @@ class Trainer:
         if diff:
             raise ValueError(f"checkpoint {path} belongs to a run with another configuration (now, then): {diff}; "
                              "pass --overwrite true to replace it or choose another --run-dir")
-        if ckpt["model_config"] != asdict(self.model.cfg):
-            diff = {k: (v, ckpt["model_config"].get(k)) for k, v in asdict(self.model.cfg).items()
-                    if ckpt["model_config"].get(k) != v}
+        # Fields added since the checkpoint was written take their defaults (they default to the old behaviour).
+        then_model = asdict(ModelConfig(**ckpt["model_config"]))
+        if then_model != asdict(self.model.cfg):
+            diff = {k: (v, then_model.get(k)) for k, v in asdict(self.model.cfg).items() if then_model.get(k) != v}
             raise ValueError(f"checkpoint {path} was trained with another model config (now, then): {diff}")
         self.model.load_state_dict(ckpt["model"])
         self.opt.load_state_dict(ckpt["optimizer"])
