@@ -174,3 +174,16 @@ def test_run_dir_defaults_per_configuration_and_a_second_run_is_refused(tmp_path
     Trainer(tiny(tmp_path, steps=2, decoder="ca", overwrite=True)).fit()
     assert torch.load(run / "checkpoint.pt")["train_config"]["decoder"] == "ca"
     assert len(list(run.glob("events.out.tfevents.*"))) == 1  # the replaced run's events are gone
+
+
+def test_lr_horizon_sets_the_cosine_decay_length(tmp_path):
+    import math
+
+    t = Trainer(tiny(tmp_path, steps=4, lr_horizon=100))
+    t.fit()
+    assert t.opt.param_groups[0]["lr"] == pytest.approx(5e-4 * (1 + math.cos(math.pi * 4 / 100)) / 2)
+    t = Trainer(tiny(tmp_path, steps=4, overwrite=True))
+    t.fit()
+    assert t.opt.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)  # the default horizon: --steps
+    with pytest.raises(ValueError, match="lr-horizon"):
+        build_config(steps=10, lr_horizon=5)

@@ -66,7 +66,9 @@ class TrainConfig:
     # --- optimisation
     steps: int = opt(2000, "Training steps (batches).")
     batch_size: int = opt(16, "Context sets per batch (each with its M queries).")
-    lr: float = opt(5e-4, "Adam learning rate (cosine-decayed to 0 over --steps).")
+    lr: float = opt(5e-4, "Adam learning rate (cosine-decayed to 0 over --lr-horizon steps).")
+    lr_horizon: int | None = opt(None, "Steps of the cosine decay (default: --steps). The reference copy script "
+                                 "decays over 100,000 steps, so a shorter run keeps the rate near 5e-4.")
     beta1: float = opt(0.9, "Adam beta1 (the copy task's reference script uses 0.1).")
     beta2: float = opt(0.999, "Adam beta2.")
     clip: float = opt(1.0, "Gradient-norm clipping threshold.")
@@ -117,6 +119,8 @@ class TrainConfig:
     def validate(self) -> TrainConfig:
         if self.run_dir is None:
             self.run_dir = self.default_run_dir()
+        if self.lr_horizon is not None and self.lr_horizon < self.steps:
+            raise ValueError(f"--lr-horizon ({self.lr_horizon}) must be at least --steps ({self.steps})")
         for name in ("steps", "batch_size", "eval_size", "eval_batch", "log_every", "threads"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive; got {getattr(self, name)}")

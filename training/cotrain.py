@@ -65,7 +65,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.model = ReTreever(self.model_config()).to(self.device)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
-        self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=cfg.steps)
+        self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=cfg.lr_horizon or cfg.steps)
         # One CPU generator drives batches and sampled searches, so runs match across devices.
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.step = 0
