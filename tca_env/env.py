@@ -114,7 +114,7 @@ def _plain(x: Any) -> bool:
 def make_predictor(task: Task, predictor: ReTreever | str | Path | None = None, branch: int | None = None,
                    device: str | torch.device | None = None, seed: int | None = None,
                    model_options: dict[str, Any] | None = None) -> ReTreever:
-    """The environment's predictor: a given model, a checkpoint path, or a fresh model for ``task``.
+    """The environment's predictor for ``task``: a given model, a checkpoint path, or a fresh model.
 
     A given model stays where it is (it is usually shared with a trainer), so ``device`` must agree with
     it. A fresh model is initialised from ``seed`` (0 when None) without touching the global RNG.
@@ -493,16 +493,21 @@ class TreeRetrievalEnv(gym.Env):
     ## Arguments
 
     ```python
-    gym.make("TreeRetrieval-v0", task="copy", task_options=None, predictor=None, branch=None, reward=None,
-             device=None, seed=None, invalid_action="redirect", batch_size=1, model_options=None,
+    gym.make("TreeRetrieval-v0", task=None, task_options=None, predictor="pretrained:copy-easy", branch=None,
+             reward=None, device=None, seed=None, invalid_action="redirect", batch_size=1, model_options=None,
              render_mode=None)
     ```
 
-    * ``task``: a task name (``tca_env.tasks.TASKS``) or a :class:`~tca_env.tasks.Task`; ``task_options``
-      are passed to its constructor (e.g. ``{"seq_len": 128}`` for copy).
-    * ``predictor``: a :class:`~tca_env.model.ReTreever` (used as is, shared with whoever trains it), a
-      path to a checkpoint written by ``tca train``, or None for a fresh model initialised from ``seed``
-      and configured by ``model_options`` (``ModelConfig`` fields, e.g. ``{"d_model": 32}``).
+    * ``task``: a task name (``tca_env.tasks.TASKS``, or ``"package.module:Name"``) or a
+      :class:`~tca_env.tasks.Task`; ``task_options`` are passed to its constructor (e.g. ``{"seq_len": 128}``
+      for copy). With a trained predictor both may be left out: it brings the task it was trained on, and
+      given ones must agree with it (a contradiction is a ``ValueError`` naming both values).
+    * ``predictor``: ``"pretrained:<name>"`` (a shipped trained predictor, :mod:`tca_env.pretrained`; the
+      registered ids default to one), a path to a checkpoint written by ``tca train``, a
+      :class:`~tca_env.model.ReTreever` (used as is, shared with whoever trains it), or ``"fresh"`` / None
+      for a new model for ``task`` (default copy) initialised from ``seed`` and configured by
+      ``model_options`` (``ModelConfig`` fields, e.g. ``{"d_model": 32}``): the start of co-training. An
+      untrained predictor scores every leaf at chance, so the path does not matter yet.
     * ``branch``: branch factor b of a fresh predictor (must match a given one).
     * ``reward``: ``"acc" | "nce" | "ll" | "mse"``; default: the predictor's.
     * ``device``: torch device of a fresh or loaded predictor (default: cpu, or the given model's device).
