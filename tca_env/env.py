@@ -530,7 +530,8 @@ class TreeRetrievalEnv(gym.Env):
 
     ## Version History
 
-    * v0: Initial version.
+    * v0: Initial version. Since package 0.2, ``TreeRetrieval-v0`` starts from the shipped copy-easy predictor
+      (``predictor="fresh"`` gives the former default, a new model); the benchmark ids are new in 0.2.
     """
 
     metadata = {"render_modes": ["ansi", "rgb_array"], "render_fps": 4}
