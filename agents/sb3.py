@@ -189,10 +189,24 @@ class PredictorAgent:
         return pi.argmax(-1).cpu().numpy(), None
 
 
+class CorrectLeafAgent:
+    """The oracle where a task knows each query's target token (the copy task): the child on the way to the leaf
+    that holds it. It reads the env's current queries, so it acts only on the env it was made for."""
+
+    def __init__(self, env: TreeRetrievalVectorEnv):
+        if env.task.target_tokens(env.task.sample(1, torch.Generator().manual_seed(0))) is None:
+            raise ValueError(f"task {env.task.name!r} does not know its queries' target tokens: no correct leaf")
+        self.env = env
+
+    def predict(self, obs: dict[str, Any], state: Any = None, episode_start: Any = None,
+                deterministic: bool = True) -> tuple[np.ndarray, None]:
+        return self.env.queries.correct_actions().cpu().numpy(), None
+
+
 SB3_ALGORITHMS: dict[str, type[BaseAlgorithm]] = {"ppo": PPO, "a2c": A2C, "dqn": DQN, "maskable_ppo": MaskablePPO}
 AGENT_NAMES = ("reinforce", "random", *SB3_ALGORITHMS)
 #: agents that only act (evaluation references), not offered for co-training
-REFERENCE_AGENTS = ("predictor",)
+REFERENCE_AGENTS = ("predictor", "correct_leaf")
 
 
 def _vector_env(env: Any) -> TreeRetrievalVectorEnv | None:
@@ -260,6 +274,11 @@ def make_agent(name: str, env: Any, **kwargs: Any) -> Any:
     tree_env = _tree_env(env)
     if name == "predictor":
         return PredictorAgent(tree_env.predictor)
+    if name == "correct_leaf":
+        venv = _vector_env(env)
+        if venv is None:
+            raise ValueError("the correct-leaf oracle reads a TreeRetrievalVectorEnv's queries; pass one")
+        return CorrectLeafAgent(venv)
     if name == "reinforce":
         return ReinforceAgent(tree_env.predictor, **kwargs)
     if name == "random":

@@ -1,7 +1,8 @@
 """Reference scores of the benchmark ids: every agent at a fixed budget, scored by ``tca_env.evaluate``.
 
 For each id: the random policy, the leftmost child, the shipped predictor's own greedy policy
-(``make_agent("predictor", env)``), and agents trained for ``--steps`` env steps on the frozen predictor
+(``make_agent("predictor", env)``), the correct-leaf oracle where the task knows each query's target
+(copy), and agents trained for ``--steps`` env steps on the frozen predictor
 with the package's defaults for TreeRetrieval (``agents.sb3.sb3_defaults``): REINFORCE on the paper's
 attention policy (freshly initialised), PPO, A2C, DQN and MaskablePPO; plus stock
 ``PPO("MultiInputPolicy", gym.make(id))`` with SB3's default hyperparameters on one env. Each is
@@ -64,8 +65,9 @@ def train_reinforce(env: TreeRetrievalVectorEnv, steps: int, seed: int) -> Reinf
 def run_id(env_id: str, args: argparse.Namespace) -> dict[str, Any]:
     rows: dict[str, dict[str, Any]] = {}
 
-    def score(name: str, policy: Any, train_s: float = 0.0, note: str = "") -> None:
-        env = gym.make_vec(env_id, num_envs=args.eval_envs, vectorization_mode="vector_entry_point")
+    def score(name: str, policy: Any, train_s: float = 0.0, note: str = "", env: Any = None) -> None:
+        if env is None:
+            env = gym.make_vec(env_id, num_envs=args.eval_envs, vectorization_mode="vector_entry_point")
         out = evaluate(policy, env=env, episodes=args.episodes, seed=args.eval_seed)
         rows[name] = {**out, "train_s": train_s, "note": note}
         print(f"[leaderboard] {env_id} {name:22s} {out['reward']:+.4f} +/- {out['reward_ci95']:.4f} "
@@ -77,6 +79,9 @@ def run_id(env_id: str, args: argparse.Namespace) -> dict[str, Any]:
                                        rng.random(np.asarray(o["action_mask"]).shape), -1.0).argmax(-1))
     score("leftmost child", lambda o: np.asarray(o["action_mask"]).astype(bool).argmax(-1))
     score("predictor (greedy)", make_agent("predictor", probe))
+    oracle_env = gym.make_vec(env_id, num_envs=args.eval_envs, vectorization_mode="vector_entry_point")
+    if oracle_env.task.target_tokens(oracle_env.task.sample(1, torch.Generator().manual_seed(0))) is not None:
+        score("correct leaf (oracle)", make_agent("correct_leaf", oracle_env), env=oracle_env)
     if varying_queries(probe):
         print(f"[leaderboard] {env_id}: the number of queries varies per batch; the lockstep vector env the agents "
               "train on needs a fixed one, so only the reference policies are scored", flush=True)

@@ -336,6 +336,21 @@ class TreeQueries:
         self.query_emb = self._slots(self.sub.query_emb)  # [E, D]
         self._observe_children()
 
+    def correct_actions(self) -> torch.Tensor | None:
+        """The child on the way to the leaf holding each slot's target token, ``[E]`` (None when the task
+        does not know its queries' targets: :meth:`Task.target_tokens`)."""
+        target = self.task.target_tokens(self.batch)
+        if target is None:
+            return None
+        tree = self.ctx.tree
+        B = target.shape[0]
+        rank = torch.empty_like(tree.perm)  # rank[b, token] = position of token in the ordering
+        rank.scatter_(1, tree.perm, torch.arange(tree.perm.shape[1], device=tree.perm.device).expand(B, -1))
+        slot = self.shape.slot_index(tree.perm.device)[rank.gather(1, target)]  # [B, M]
+        leaf = slot // self.shape.P
+        child = (leaf // self.b ** (self.k - 1 - self.s)) % self.b  # [B, M] the child at this step
+        return self._slots(child[self.rows, self.cols])
+
     def _slots(self, x: torch.Tensor) -> torch.Tensor:
         """Block layout ``[rows, cols, ...]`` -> slot layout ``[E, ...]``."""
         flat = x.flatten(0, 1)

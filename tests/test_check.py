@@ -121,3 +121,26 @@ def make_vec_env_for(env):
     from agents.sb3 import SB3VecEnv
 
     return SB3VecEnv(env)
+
+
+def test_correct_leaf_oracle_reaches_the_target_token():
+    from agents.sb3 import make_agent
+    from tca_env import search as S
+    from tca_env.vector_env import TreeRetrievalVectorEnv
+
+    env = TreeRetrievalVectorEnv(32, task="copy", task_options={"seq_len": 64}, seed=0, array_type="torch")
+    oracle = make_agent("correct_leaf", env)
+    obs, _ = env.reset(seed=0)
+    q = env.queries
+    while True:
+        obs, r, term, _, info = env.step(torch.as_tensor(oracle.predict(obs)[0]))
+        if bool(term.all()):
+            break
+    path = info["final_info"]["path"]  # [E, k+1]
+    # brute force: the retrieved set of the taken path holds query m's target token n-1-m
+    m = torch.arange(32) % q.batch_M
+    target = q.batch_M - 1 - m
+    tok = S.bucket_index(q.shape, path[:, -1])  # [E, P] slots of the leaf = token indices (natural order)
+    assert (tok == target.unsqueeze(1)).any(1).all()
+    with pytest.raises(ValueError, match="target tokens"):
+        make_agent("correct_leaf", TreeRetrievalVectorEnv(4, task="gp", seed=0))

@@ -133,6 +133,11 @@ class Task(ABC):
                split: str = "train") -> Batch:
         """Draw ``batch_size`` tasks with ``generator`` (a CPU generator, so results do not depend on device)."""
 
+    def target_tokens(self, batch: Batch) -> torch.Tensor | None:
+        """The context token each query needs, ``[B, M]`` indices into the context, where the task knows it
+        (the copy task does); None otherwise. It defines the correct-leaf reference policy."""
+        return None
+
     def figure_batch(self, generator: torch.Generator, device: torch.device | str = "cpu") -> Batch:
         """Tasks to draw in :meth:`figure` (default: 4 from the first evaluation split)."""
         return self.sample(4, generator, device, split=self.eval_splits[0])

@@ -68,3 +68,8 @@ class CopyTask(Task):
         pos = torch.arange(n)
         pt = pos + n if self.query_positions == "after" else pos.clone()
         return Batch(xc=xc, yc=None, xt=xt, yt=targets, pc=pos, pt=pt).to(device)
+
+    def target_tokens(self, batch: Batch) -> torch.Tensor:
+        """Query j needs context token L/2-1-j (the last query mirrors SOS, at 0)."""
+        M = batch.M
+        return (M - 1 - torch.arange(M, device=batch.xc.device)).expand(batch.B, M)
