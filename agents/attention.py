@@ -31,12 +31,7 @@ class AttentionPolicy(nn.Module):
 
     def forward(self, query_emb: torch.Tensor, child_emb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """``query_emb [n, D]``, ``child_emb [n, b, D]``, ``mask [n, b]`` -> log pi ``[n, b]`` (masked: -inf)."""
-        q = self.readout.queries(query_emb)  # [n, H, dh] pre-scaled
-        keys, _ = self.readout.keys_values(child_emb)  # [n, b, H, dh]
-        scores = (q.unsqueeze(1) * keys).sum(-1)  # [n, b, H]
-        # The search's own softmax-then-average, so both paths give the same numbers.
-        m = mask.bool().unsqueeze(0)
-        return search.policy_log_probs(search.head_probs(scores.unsqueeze(0), m), m).squeeze(0)
+        return search.observed_log_probs(self.readout, query_emb, child_emb, mask)
 
 
 def obs_to_torch(obs: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:

@@ -26,11 +26,10 @@ from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from stable_baselines3.common.vec_env import VecEnv
 from torch import nn
 
-from tca_env.check import predictor_policy
 from tca_env.env import TreeRetrievalEnv
 from tca_env.vector_env import TreeRetrievalVectorEnv
 
-from .attention import ReinforceAgent
+from .attention import AttentionPolicy, ReinforceAgent, obs_to_torch
 
 # ------------------------------------------------------------------------------------------- VecEnv
 
@@ -178,15 +177,14 @@ class PredictorAgent:
     children; SB3-style ``predict``, nothing to learn): the reference that scores are normalised against."""
 
     def __init__(self, predictor: Any):
-        self.predictor = predictor
+        self.policy = AttentionPolicy(predictor.readout)
+        self.device = next(predictor.parameters()).device
 
+    @torch.no_grad()
     def predict(self, obs: dict[str, Any], state: Any = None, episode_start: Any = None,
                 deterministic: bool = True) -> tuple[np.ndarray, None]:
-        dev = next(self.predictor.parameters()).device
-        t = {k: torch.as_tensor(np.asarray(v) if not isinstance(v, torch.Tensor) else v, device=dev)
-             for k, v in obs.items()}
-        pi = predictor_policy(self.predictor, t["query_emb"], t["child_emb"], t["action_mask"].bool())
-        return pi.argmax(-1).cpu().numpy(), None
+        o = obs_to_torch(obs, self.device)
+        return self.policy(o["query_emb"], o["child_emb"], o["action_mask"]).argmax(-1).cpu().numpy(), None
 
 
 class CorrectLeafAgent:

@@ -74,14 +74,16 @@ def run_id(env_id: str, args: argparse.Namespace) -> dict[str, Any]:
               f"({train_s:.0f} s training)", flush=True)
 
     probe = gym.make_vec(env_id, num_envs=args.envs, vectorization_mode="vector_entry_point", seed=args.seed)
-    rng = np.random.default_rng(args.seed)
-    score("random", lambda o: np.where(np.asarray(o["action_mask"]).astype(bool),
-                                       rng.random(np.asarray(o["action_mask"]).shape), -1.0).argmax(-1))
+    score("random", make_agent("random", probe, seed=args.seed))
     score("leftmost child", lambda o: np.asarray(o["action_mask"]).astype(bool).argmax(-1))
     score("predictor (greedy)", make_agent("predictor", probe))
     oracle_env = gym.make_vec(env_id, num_envs=args.eval_envs, vectorization_mode="vector_entry_point")
-    if oracle_env.task.target_tokens(oracle_env.task.sample(1, torch.Generator().manual_seed(0))) is not None:
-        score("correct leaf (oracle)", make_agent("correct_leaf", oracle_env), env=oracle_env)
+    try:
+        oracle = make_agent("correct_leaf", oracle_env)
+    except ValueError:  # the task does not know its queries' targets
+        oracle = None
+    if oracle is not None:  # the oracle acts on the env it reads, so it is scored on that one
+        score("correct leaf (oracle)", oracle, env=oracle_env)
     if varying_queries(probe):
         print(f"[leaderboard] {env_id}: the number of queries varies per batch; the lockstep vector env the agents "
               "train on needs a fixed one, so only the reference policies are scored", flush=True)

@@ -14,7 +14,7 @@ ENV_IDS = ("TreeRetrieval-v0", "tca_env/TreeRetrieval-v0")
 
 
 #: benchmark ids: a fixed task with a shipped trained predictor (tca_env.pretrained)
-BENCHMARK_IDS = dict(_pretrained.ENV_IDS)
+BENCHMARK_IDS = _pretrained.ENV_IDS
 
 
 #: the shipped predictor ``TreeRetrieval-v0`` starts from (``predictor="fresh"`` for a new one)
@@ -31,7 +31,6 @@ def _register() -> None:
 
 
 _register()
-
 
 
 def evaluate(*args, **kwargs):

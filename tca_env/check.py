@@ -63,13 +63,9 @@ class PathCheck:
 @torch.no_grad()
 def predictor_policy(model: ReTreever, query_emb: torch.Tensor, child_emb: torch.Tensor,
                      mask: torch.Tensor | None = None) -> torch.Tensor:
-    """The predictor's own search policy from an observation: ``query_emb [E, D]``, ``child_emb [E, b, D]``,
-    ``mask [E, b]`` -> pi(child) ``[E, b]`` (each head's softmax over the children, averaged over heads)."""
-    q = model.readout.queries(query_emb).unsqueeze(1)  # [E, 1, H, dh]
-    k, _ = model.readout.keys_values(child_emb)  # [E, b, H, dh]
-    scores = (k.unsqueeze(1) * q.unsqueeze(2)).sum(-1)  # [E, 1, b, H]
-    m = None if mask is None else mask.unsqueeze(1)
-    return search.policy_log_probs(search.head_probs(scores, m), m).exp().squeeze(1)
+    """The predictor's own search policy from an observation, as probabilities ``[E, b]``
+    (:func:`tca_env.search.observed_log_probs` with the predictor's read-out)."""
+    return search.observed_log_probs(model.readout, query_emb, child_emb, mask).exp()
 
 
 def check_task(task: str | Task, predictor: ReTreever | str | Path | None,

@@ -16,6 +16,7 @@ set S holds every unselected sibling on the path and the P token slots of the ch
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -153,6 +154,18 @@ def head_entropy(probs: torch.Tensor) -> torch.Tensor:
     """The entropy bonus of one level: each head's entropy ``-sum_c p log(p + 1e-9)`` over the children,
     averaged over heads (the reference's definition): ``[B, M, b, H]`` -> ``[B, M]``."""
     return -(probs * (probs + 1e-9).log()).sum(2).mean(-1)
+
+
+def observed_log_probs(readout: Any, query_emb: torch.Tensor, child_emb: torch.Tensor,
+                       mask: torch.Tensor | None) -> torch.Tensor:
+    """The search policy from an environment observation: ``query_emb [n, D]``, ``child_emb [n, b, D]``,
+    ``mask [n, b]`` -> log pi ``[n, b]`` (masked children: -inf), with a read-out's weights. The same
+    softmax-then-average as :func:`step`, so both give the same numbers."""
+    q = readout.queries(query_emb)  # [n, H, dh] pre-scaled
+    keys, _ = readout.keys_values(child_emb)  # [n, b, H, dh]
+    scores = (q.unsqueeze(1) * keys).sum(-1).unsqueeze(0)  # [1, n, b, H]
+    m = None if mask is None else mask.bool().unsqueeze(0)
+    return policy_log_probs(head_probs(scores, m), m).squeeze(0)
 
 
 BASELINES = ("none", "batch_mean", "ema")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import sys
@@ -82,7 +81,3 @@ def test_a_predictor_brings_its_task_and_a_contradiction_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="query_positions"):
         gym.make("TreeRetrieval-v0", predictor=ckpt, task_options={"query_positions": "own"})
 
-
-def test_shipped_json_is_valid():
-    for name in pretrained.available():
-        json.loads((pretrained.DIR / f"{name}.json").read_text())
