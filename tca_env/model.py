@@ -8,7 +8,7 @@ children), the TCA read-out over the retrieved set S, and the full cross attenti
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +46,10 @@ class ModelConfig:
     dim_ff: int = 128
     emb_depth: int = 4
     """Layers of the context and query embedding MLPs."""
+    fourier_octaves: int = 0
+    """Map each input coordinate x to ``[x, sin(2^j pi x), cos(2^j pi x)]`` for j < fourier_octaves before the
+    embedders (0: off, the paper's model). Not in the paper: a standard input mapping for low-dimensional
+    coordinates (NeRF's positional encoding), which lets the recall task resolve keys 1/2^j apart."""
     encoder: str = "quadratic"
     """"quadratic": a Transformer encoder over the context (layers.EncoderLayer); "constant": no encoder."""
     enc_layers: int = 6
@@ -86,6 +90,8 @@ class ModelConfig:
                 raise ValueError(f"unknown {name} {getattr(self, name)!r}; choose one of {allowed}")
         if self.branch < 2:
             raise ValueError(f"branch factor must be >= 2; got {self.branch}")
+        if self.fourier_octaves < 0:
+            raise ValueError(f"fourier_octaves must be >= 0; got {self.fourier_octaves}")
         if self.d_model % self.nhead:
             raise ValueError(f"d_model {self.d_model} is not divisible by nhead {self.nhead}")
         if self.head == "class" and self.reward in ("ll", "mse"):
@@ -98,7 +104,7 @@ class ModelConfig:
     def for_task(cls, task: Task, **overrides) -> ModelConfig:
         base = dict(x_dim=task.x_dim, y_dim=task.y_dim, out_dim=task.out_dim, head=task.head,
                     sequential=task.sequential, max_context=task.max_context, ordering=task.ordering,
-                    reward=task.reward, std_form=task.std_form)
+                    reward=task.reward, std_form=task.std_form, **task.model_defaults)
         base.update(overrides)
         return cls(**base).validate()
 
@@ -252,8 +258,9 @@ class ReTreever(nn.Module):
         super().__init__()
         self.cfg = cfg.validate()
         d = cfg.d_model
-        self.ctx_embed = embedder(cfg.x_dim + cfg.y_dim, d, cfg.emb_depth)
-        self.query_embed = embedder(cfg.x_dim, d, cfg.emb_depth)
+        x_in = cfg.x_dim * (1 + 2 * cfg.fourier_octaves)
+        self.ctx_embed = embedder(x_in + cfg.y_dim, d, cfg.emb_depth)
+        self.query_embed = embedder(x_in, d, cfg.emb_depth)
         if cfg.sequential:  # embedder -> position encoding (with dropout) -> MLP, for context and queries
             self.ctx_pos_mlp, self.query_pos_mlp = position_mlp(d), position_mlp(d)
             self.pos_drop = nn.Dropout(cfg.dropout)
@@ -293,11 +300,35 @@ class ReTreever(nn.Module):
         if c.head == "class" and batch.yt.dtype != torch.long:
             raise ValueError(f"classification targets must be long class indices; got {batch.yt.dtype}")
 
-    def encode_context(self, batch: Batch, check: bool = True) -> torch.Tensor:
-        """Context encodings ``[B, N, D]`` (``check=False``: the batch was validated already)."""
+    def input_features(self, x: torch.Tensor) -> torch.Tensor:
+        """``[..., dx]`` -> ``[..., dx * (1 + 2F)]``: x and its Fourier features (``cfg.fourier_octaves`` = F)."""
+        F_ = self.cfg.fourier_octaves
+        if F_ == 0:
+            return x
+        freq = math.pi * 2.0 ** torch.arange(F_, device=x.device, dtype=x.dtype)  # [F]
+        ang = (x.unsqueeze(-1) * freq).flatten(-2)  # [..., dx * F]
+        return torch.cat([x, ang.sin(), ang.cos()], -1)
+
+    def encode_context(self, batch: Batch, check: bool = True, chunk: int | None = None) -> torch.Tensor:
+        """Context encodings ``[B, N, D]`` (``check=False``: the batch was validated already).
+
+        ``chunk``: without autograd and without a context encoder, embed at most this many tokens at a time
+        into the output (the embedder's temporaries stay O(chunk * D) rather than O(N * D)).
+        """
         if check:
             self._check(batch)
-        x = batch.xc if batch.yc is None else torch.cat([batch.xc, batch.yc], -1)
+        if chunk is not None and not torch.is_grad_enabled() and not len(self.encoder):
+            B, N = batch.xc.shape[:2]
+            rows = max(1, chunk // B)
+            if rows < N:
+                out = batch.xc.new_empty(B, N, self.cfg.d_model)
+                for i in range(0, N, rows):
+                    part = Batch(batch.xc[:, i:i + rows], None if batch.yc is None else batch.yc[:, i:i + rows],
+                                 batch.xt, batch.yt, None if batch.pc is None else batch.pc[..., i:i + rows])
+                    out[:, i:i + rows] = self.encode_context(part, check=False)
+                return out
+        x = self.input_features(batch.xc)
+        x = x if batch.yc is None else torch.cat([x, batch.yc], -1)
         h = self.ctx_embed(x)  # [B, N, D]
         if self.cfg.sequential:
             h = self.ctx_pos_mlp(self.pos_drop(h + sinusoidal(batch.pc, self.cfg.d_model)))
@@ -307,38 +338,65 @@ class ReTreever(nn.Module):
 
     def embed_queries(self, batch: Batch) -> torch.Tensor:
         """Query embeddings ``[B, M, D]``."""
-        qe = self.query_embed(batch.xt)  # [B, M, D]
+        return self.embed_query_inputs(batch.xt, batch.pt)
+
+    def embed_query_inputs(self, xt: torch.Tensor, pt: torch.Tensor | None = None) -> torch.Tensor:
+        """Query embeddings ``[B, M, D]`` of query inputs ``xt [B, M, dx]`` (positions ``pt [M]``: sequential)."""
+        qe = self.query_embed(self.input_features(xt))  # [B, M, D]
         if self.cfg.sequential:
-            qe = self.query_pos_mlp(self.pos_drop(qe + sinusoidal(batch.pt, self.cfg.d_model)))
+            if pt is None:
+                raise ValueError("a sequential model needs query positions pt")
+            qe = self.query_pos_mlp(self.pos_drop(qe + sinusoidal(pt, self.cfg.d_model)))
         return qe
 
-    def prepare(self, batch: Batch, full: bool | None = None, lean: bool = False) -> Context:
-        """Embed, encode, and (TCA) build the tree with every node's keys and values projected once.
+    def build(self, batch: Batch, full: bool | None = None, lean: bool = False, chunk: int | None = None) -> Context:
+        """The context side of :meth:`prepare`: embed, encode and (TCA) build the tree with every node's keys
+        and values projected once. The result serves any number of query batches (:meth:`query`).
 
         Args:
             full: also project the N encodings for full cross attention (needed by L_CA and "ca";
                 default: when the decoder is "ca" or the model is training with lambda_CA > 0).
             lean: drop the encodings and the tree's embeddings once their keys and values exist (greedy
                 inference keeps only what the search and read-out use).
+            chunk: bound the build's temporaries to about this many rows (embedding and aggregation, without
+                autograd); None: one call per level. Values do not change.
         """
         c = self.cfg
         if full is None:
             full = c.decoder == "ca" or (c.decoder == "tca" and self.training and c.lambda_ca > 0)
-        enc = self.encode_context(batch)
-        ctx = Context(batch, enc, None, None)
-        if full:
-            ctx.enc_kv = self.readout.keys_values(enc)  # [B, N, H, dh] x2
+        self._check(batch)
+        keep_enc = full or not lean or c.decoder == "perceiver"  # Perceiver IO's latents attend to the encodings
+        ctx = Context(batch, None, None, None)
+        if keep_enc:
+            ctx.enc = self.encode_context(batch, check=False, chunk=chunk)
+            if full:
+                ctx.enc_kv = self.readout.keys_values(ctx.enc)  # [B, N, H, dh] x2
         if c.decoder == "tca":
-            # The tree is built before the queries are embedded so that the aggregation's
-            # temporaries and the queries are never in memory at the same time.
-            ctx.tree = build_tree(enc, c.branch, self.aggregator, c.ordering, batch.xc, c.coord, c.bptt)
+            # A lean build hands the tree the only reference to the encodings, so they are freed once the
+            # tree's tokens hold them in slot order.
+            ctx.tree = build_tree(ctx.enc if keep_enc else self.encode_context(batch, check=False, chunk=chunk),
+                                  c.branch, self.aggregator, c.ordering, batch.xc, c.coord, c.bptt, chunk)
             tok_kv = self._slot_kv(ctx) if full else None
             ctx.kv = S.TreeKV.from_tree(ctx.tree, self.readout.keys_values, tok_kv)
-        if lean and c.decoder != "perceiver":  # Perceiver IO's latents still attend to the encodings
-            ctx.enc = ctx.tree = None
-        ctx.query_emb = self.embed_queries(batch)
-        ctx.q = self.readout.queries(ctx.query_emb)
+            if lean:
+                ctx.tree = None
         return ctx
+
+    def attach_queries(self, ctx: Context, xt: torch.Tensor, pt: torch.Tensor | None = None) -> Context:
+        """``ctx`` with the queries ``xt [B, M, dx]`` embedded and projected (``ctx`` itself is not changed)."""
+        if xt.dim() != 3 or xt.shape[0] != ctx.batch.B or xt.shape[-1] != self.cfg.x_dim:
+            raise ValueError(f"queries must be [B, M, x_dim] = [{ctx.batch.B}, M, {self.cfg.x_dim}] for this "
+                             f"context; got {tuple(xt.shape)}")
+        query_emb = self.embed_query_inputs(xt, pt)
+        return replace(ctx, query_emb=query_emb, q=self.readout.queries(query_emb))
+
+    def prepare(self, batch: Batch, full: bool | None = None, lean: bool = False, chunk: int | None = None) -> Context:
+        """:meth:`build` the context, then embed the batch's queries (see :meth:`build` for the arguments).
+
+        The tree is built before the queries are embedded so that the aggregation's temporaries and the
+        queries are never in memory at the same time.
+        """
+        return self.attach_queries(self.build(batch, full, lean, chunk), batch.xt, batch.pt)
 
     def _slot_kv(self, ctx: Context) -> tuple[torch.Tensor, torch.Tensor]:
         """Token keys/values moved into the tree's slot layout (reusing the full-attention projections)."""
@@ -433,21 +491,30 @@ class ReTreever(nn.Module):
         return loss, terms
 
     @torch.no_grad()
-    def predict(self, batch: Batch) -> torch.Tensor:
+    def predict(self, batch: Batch, chunk: int | None = None) -> torch.Tensor:
         """Greedy inference: head output ``[B, M, out]`` with the configured decoder."""
+        return self._answer(self.prepare(batch, lean=True, chunk=chunk))
+
+    @torch.no_grad()
+    def query(self, ctx: Context, xt: torch.Tensor, pt: torch.Tensor | None = None) -> torch.Tensor:
+        """Greedy inference of new queries ``xt [B, M, dx]`` on an already built context (:meth:`build`):
+        build once, query many times. Equals :meth:`predict` on the batch with these queries."""
+        return self._answer(self.attach_queries(ctx, xt, pt), keep=True)
+
+    def _answer(self, ctx: Context, keep: bool = False) -> torch.Tensor:
+        """Greedy read-out and head for a prepared context; ``keep=False`` frees its keys and values as it goes."""
         c = self.cfg
-        ctx = self.prepare(batch, lean=True)
         if c.decoder == "perceiver":
             return self.predict_perceiver(ctx)
         # Both read-outs free their keys and values before the feed-forward (a fair memory comparison).
         if c.decoder == "ca":
             attn = Attention.attend(ctx.q, *ctx.enc_kv)
-            ctx.enc_kv = None
         else:
             attn, _ = S.greedy_readout(ctx.kv, ctx.q)
-            ctx.kv = None
-        ctx.q = None
-        return self.finish_head(ctx.query_emb, attn)
+        query_emb = ctx.query_emb
+        if not keep:
+            ctx.enc_kv = ctx.kv = ctx.q = None
+        return self.finish_head(query_emb, attn)
 
     #: rows per chunk of :meth:`finish_head` without autograd
     finish_chunk_rows = 4096

@@ -29,6 +29,8 @@ class TrainConfig:
     query_positions: str | None = opt(None, "Copy task: query positions L/2..L-1 after the context (after, the "
                                       "default) or 0..L/2-1 of their own (own, as the reference code).",
                                       ("after", "own"))
+    context_len: int | None = opt(None, "Recall task: context pairs N per set (the largest N with a "
+                                  "min_context_len in --task-args).")
     kernel: str | None = opt(None, "GP task: training kernel (rbf or matern52).")
     source: str | None = opt(None, "Data source of the images / activity tasks (e.g. synthetic: no data package).")
     # --- model (None: task / paper default)
@@ -38,6 +40,8 @@ class TrainConfig:
     nhead: int | None = opt(None, "Attention heads (paper: 4).")
     dim_ff: int | None = opt(None, "Feed-forward width (paper: 128).")
     emb_depth: int | None = opt(None, "Layers of the embedding MLPs (paper: 4).")
+    fourier_octaves: int | None = opt(None, "Fourier features of the inputs, octaves 2^0..2^(F-1) (0: off, the "
+                                      "paper's model; the recall task's default: 8).")
     encoder: str | None = opt(None, "Context encoder: quadratic (Transformer) or constant (none).",
                               ("quadratic", "constant"))
     enc_layers: int | None = opt(None, "Transformer encoder layers (paper: 6).")
@@ -95,6 +99,8 @@ class TrainConfig:
             out["seq_len"] = self.seq_len
         if self.query_positions is not None:
             out["query_positions"] = self.query_positions
+        if self.context_len is not None:
+            out["context_len"] = self.context_len
         if self.kernel is not None:
             out["kernel"] = self.kernel
         if self.source is not None:

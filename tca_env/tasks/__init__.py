@@ -12,6 +12,7 @@ from .activity import ActivityTask
 from .base import HEADS, ORDERINGS, REWARDS, Batch, Task
 from .copy import CopyTask
 from .gp import GPTask
+from .recall import RecallTask
 from .images import ImageCompletionTask, completion_grid, faces_task, mnist_task, plot_completions
 
 TASKS: dict[str, Callable[..., Task]] = {
@@ -21,6 +22,7 @@ TASKS: dict[str, Callable[..., Task]] = {
     "mnist": mnist_task,
     "faces": faces_task,
     "activity": ActivityTask,
+    "recall": RecallTask,
 }
 
 
@@ -61,4 +63,4 @@ def _import_task(spec: str) -> Callable[..., Task]:
 
 
 __all__ = ["Batch", "Task", "TASKS", "HEADS", "ORDERINGS", "REWARDS", "make_task", "register_task",
-           "CopyTask", "GPTask", "ImageCompletionTask", "ActivityTask", "completion_grid", "plot_completions"]
+           "CopyTask", "GPTask", "ImageCompletionTask", "ActivityTask", "RecallTask", "completion_grid", "plot_completions"]

@@ -115,6 +115,9 @@ class Task(ABC):
     std_form: str = "exp"
     """How a Normal head turns its raw output into a standard deviation: "exp" or "bounded"."""
     sequential: bool = False
+    model_defaults: dict[str, Any] = {}
+    """ModelConfig fields this task's models take unless told otherwise (e.g. the recall task's model has no
+    context encoder)."""
     eval_splits: tuple[str, ...] = ("test",)
     """Splits the trainer evaluates on (each a fixed, seeded set passed to ``sample(split=...)``)."""
 
