@@ -1,0 +1,186 @@
+"""Long contexts: the chunked tree build, build once / query many, the recall task, memory growth."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tca_env import search as S
+from tca_env.model import ModelConfig, ReTreever
+from tca_env.tasks import make_task
+from tca_env.tasks.recall import match_keys
+from tca_env.tree import Aggregator, TreeShape, build_tree, order_tokens
+
+
+@pytest.mark.parametrize("n,b", [(37, 2), (64, 2), (100, 3), (257, 2), (130, 4)])
+def test_chunked_build_equals_unchunked(n, b):
+    """Chunking the aggregation changes no node value or mask, for N not a power of b and chunk sizes
+    smaller than a group, a few groups, and the whole level."""
+    g = torch.Generator().manual_seed(n)
+    agg = Aggregator(16, 2, 32).eval()
+    enc = torch.randn(3, n, 16, generator=g)
+    coords = torch.rand(3, n, 2, generator=g)
+    with torch.no_grad():
+        ref = build_tree(enc, b, agg, "kd", coords)
+        for chunk in (1, 5, 64, 10_000):
+            got = build_tree(enc, b, agg, "kd", coords, chunk=chunk)
+            assert torch.equal(got.perm, ref.perm)
+            assert torch.equal(got.tokens, ref.tokens)
+            for lvl in range(ref.shape.k + 1):
+                torch.testing.assert_close(got.nodes[lvl], ref.nodes[lvl], rtol=0, atol=1e-6)
+                assert torch.equal(got.node_mask[lvl], ref.node_mask[lvl])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_kd_ordering_any_sign_and_precision(dtype):
+    """The k-d ordering sorts through integer codes of the values: negative values, -0.0 and every float
+    precision must order as the values do (checked against a per-node sort done one node at a time)."""
+    g = torch.Generator().manual_seed(3)
+    n, b = 200, 2
+    coords = (torch.randn(2, n, 3, generator=g) * 100).to(dtype)
+    coords[0, 0, 0] = -0.0
+    perm = order_tokens(coords, n, b, "kd")
+    shape = TreeShape(n, b)
+    for bi in range(2):
+        ids = list(range(n))
+        segments = [ids]
+        for level in range(shape.k):
+            nxt = []
+            for seg in segments:
+                seg = sorted(seg, key=lambda i: (float(coords[bi, i, level % 3]), i))
+                sizes = [len(seg) // b + (1 if j < len(seg) % b else 0) for j in range(b)]
+                start = 0
+                for sz in sizes:
+                    nxt.append(seg[start:start + sz])
+                    start += sz
+            segments = nxt
+        got = perm[bi].tolist()
+        start = 0
+        for seg in segments:  # same leaf sets (values are distinct, so the split is unique)
+            assert sorted(got[start:start + len(seg)]) == sorted(seg)
+            start += len(seg)
+
+
+def recall_model(decoder="tca", **kw):
+    task = make_task("recall", context_len=300, num_queries=40)
+    torch.manual_seed(0)
+    return task, ReTreever(ModelConfig.for_task(task, decoder=decoder, **kw)).eval()
+
+
+@pytest.mark.parametrize("decoder", ["tca", "ca", "perceiver"])
+def test_build_once_query_many_equals_fresh_predictions(decoder):
+    """A context built once answers new query batches exactly as a fresh build of each batch does."""
+    task, model = recall_model(decoder)
+    batch = task.sample(2, torch.Generator().manual_seed(1))
+    ctx = model.build(batch, lean=True, chunk=64)
+    g = torch.Generator().manual_seed(2)
+    for _ in range(2):
+        pick = torch.randint(0, batch.N, (2, 25), generator=g)
+        xt = batch.xc.gather(1, pick.unsqueeze(-1).expand(-1, -1, batch.xc.shape[-1]))
+        fresh = model.predict(type(batch)(batch.xc, batch.yc, xt, batch.yc.argmax(-1).gather(1, pick)))
+        torch.testing.assert_close(model.query(ctx, xt), fresh, rtol=0, atol=1e-5)
+
+
+def test_greedy_retrieved_set_from_a_reused_tree_equals_a_fresh_build():
+    task, model = recall_model()
+    batch = task.sample(2, torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ctx = model.build(batch, chunk=32)  # keeps the tree for the retrieved sets
+        xt2 = task.sample(2, torch.Generator().manual_seed(4)).xt.flip(1)  # other queries of the same sets
+        for xt in (batch.xt, xt2):
+            reused = model.attach_queries(ctx, xt)
+            _, path_reused = S.greedy_readout(reused.kv, reused.q, with_path=True)
+            fresh = model.prepare(type(batch)(batch.xc, batch.yc, xt, batch.yt))
+            _, path_fresh = S.greedy_readout(fresh.kv, fresh.q, with_path=True)
+            assert torch.equal(path_reused, path_fresh)
+            s_reused = S.retrieved_set(ctx.tree, path_reused)
+            s_fresh = S.retrieved_set(fresh.tree, path_fresh)
+            assert torch.equal(s_reused.index, s_fresh.index) and torch.equal(s_reused.mask, s_fresh.mask)
+
+
+def test_query_rejects_queries_of_the_wrong_shape():
+    task, model = recall_model()
+    batch = task.sample(2, torch.Generator().manual_seed(0))
+    ctx = model.build(batch, lean=True)
+    with pytest.raises(ValueError, match="queries must be"):
+        model.query(ctx, batch.xt[:1])
+    with pytest.raises(ValueError, match="queries must be"):
+        model.query(ctx, batch.xt[..., :2])
+
+
+@pytest.mark.parametrize("n,m", [(50, 20), (8, 30), (1000, 64)])
+def test_recall_samples_have_distinct_keys_and_right_answers(n, m):
+    """Brute force over all key pairs: keys are distinct within a set, every query is one of its set's keys,
+    its target is that key's value, and target_tokens finds it."""
+    task = make_task("recall", context_len=n, num_queries=m, num_classes=7)
+    batch = task.sample(3, torch.Generator().manual_seed(5))
+    assert batch.xc.shape == (3, n, 4) and batch.yc.shape == (3, n, 7) and batch.yt.shape == (3, m)
+    same = (batch.xc[:, :, None] == batch.xc[:, None, :]).all(-1)  # [B, N, N]
+    assert torch.equal(same, torch.eye(n, dtype=torch.bool).expand(3, n, n))
+    hit = (batch.xt[:, :, None] == batch.xc[:, None, :]).all(-1)  # [B, M, N]
+    assert (hit.sum(-1) == 1).all()
+    idx = hit.float().argmax(-1)
+    assert torch.equal(batch.yc.argmax(-1).gather(1, idx), batch.yt)
+    assert torch.equal(task.target_tokens(batch), idx)
+    if m <= n:  # queries are distinct keys
+        assert all(len(set(row.tolist())) == m for row in idx)
+
+
+def test_recall_variable_context_and_bad_options():
+    task = make_task("recall", context_len=512, min_context_len=16)
+    sizes = {task.sample(1, torch.Generator().manual_seed(s)).N for s in range(30)}
+    assert min(sizes) >= 16 and max(sizes) <= 512 and len(sizes) > 10
+    with pytest.raises(ValueError, match="min_context_len"):
+        make_task("recall", context_len=10, min_context_len=20)
+    with pytest.raises(ValueError, match="context_len"):
+        make_task("recall", context_len=1)
+    keys = torch.rand(1, 5, 4)
+    with pytest.raises(ValueError, match="matches no context key"):
+        match_keys(keys, torch.rand(1, 2, 4))
+
+
+MEMORY_PROBE = r"""
+import json, sys, torch
+torch.set_num_threads(1)
+from tca_env.model import ModelConfig, ReTreever
+from tca_env.tasks import make_task
+
+def rss():
+    with open('/proc/self/statm') as f:
+        return int(f.read().split()[1]) * 4096
+
+def hwm():
+    with open('/proc/self/status') as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith('VmHWM'))
+
+n = int(sys.argv[1])
+task = make_task('recall', context_len=n, num_queries=4)
+torch.manual_seed(0)
+model = ReTreever(ModelConfig.for_task(task)).eval()
+batch = task.sample(1, torch.Generator().manual_seed(0))
+with open('/proc/self/clear_refs', 'w') as f:
+    f.write('5')  # reset the peak resident size
+before = rss()
+with torch.no_grad():
+    ctx = model.build(batch, lean=True, chunk=4096)
+print(json.dumps({'peak': hwm() - before}))
+"""
+
+
+def test_chunked_build_peak_memory_grows_linearly():
+    """Peak resident memory above idle of a lean chunked build at N = 2^15 and 2^17 (fresh processes): the
+    ratio stays within 1.3x of the size ratio 4 (nothing quadratic, no temporaries that outgrow N)."""
+    peaks = []
+    for n in (2**15, 2**17):
+        out = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(n)], capture_output=True, text=True,
+                             timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        if out.returncode != 0 and "clear_refs" in out.stderr:
+            pytest.skip("this kernel cannot reset the peak resident size")
+        assert out.returncode == 0, out.stderr
+        peaks.append(json.loads(out.stdout.strip().splitlines()[-1])["peak"])
+    ratio = peaks[1] / peaks[0]
+    print(f"peaks {peaks}, ratio {ratio:.2f}")
+    assert 4 / 1.3 <= ratio <= 4 * 1.3, (peaks, ratio)
