@@ -25,7 +25,7 @@ from gymnasium.error import ResetNeeded
 from . import pretrained, search
 from .checkpoint import load_predictor, task_of
 from .model import Context, ModelConfig, ReTreever
-from .tasks import Batch, Task, make_task
+from .tasks import TASKS, Batch, Task, make_task
 from .tree import TreeShape, tree_depth
 
 INVALID_ACTIONS = ("redirect", "error")
@@ -83,7 +83,8 @@ def build_task_and_predictor(task: str | Task | None, task_options: dict[str, An
         if task is not None and task != name:
             raise ValueError(f"task {task!r} given, but the predictor was trained on task {name!r}; pass "
                              "predictor='fresh' to train a new one")
-        clash = _option_clash(name, opts, options)
+        sizes = set(getattr(TASKS.get(name), "size_options", ()))
+        clash = _option_clash(name, opts, {k: v for k, v in options.items() if k not in sizes})
         if clash:
             raise ValueError(f"task_options contradict the task the predictor was trained on (given, trained): "
                              f"{clash}; pass predictor='fresh' to train a new one")
@@ -367,10 +368,9 @@ class TreeQueries:
     def _observe_children(self) -> None:
         """Embeddings ``[E, b, D]`` and mask ``[E, b]`` of the children of every slot's current node."""
         tree, s = self.sub.tree, self.s
-        idx = search.child_index(self.shape, s, self.path[..., s])  # [rows, cols, b]
-        rows = torch.arange(idx.shape[0], device=idx.device).view(-1, 1, 1)
-        self.child_emb = self._slots(tree.nodes[s + 1][rows, idx])  # [E, b, D]
-        self.mask = self._slots(tree.node_mask[s + 1][rows, idx])  # [E, b]
+        node = self.path[..., s]  # [rows, cols]; its children are b contiguous rows of the next level
+        self.child_emb = self._slots(search.gather_children(tree.nodes[s + 1], node, self.b))  # [E, b, D]
+        self.mask = self._slots(search.gather_children(tree.node_mask[s + 1], node, self.b))  # [E, b]
 
     # -------------------------------------------------------------------------------------- stepping
 

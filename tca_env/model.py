@@ -349,6 +349,9 @@ class ReTreever(nn.Module):
             qe = self.query_pos_mlp(self.pos_drop(qe + sinusoidal(pt, self.cfg.d_model)))
         return qe
 
+    #: rows per embedding / aggregation call of a build without autograd (bounds its temporaries at large N)
+    build_chunk = 65536
+
     def build(self, batch: Batch, full: bool | None = None, lean: bool = False, chunk: int | None = None) -> Context:
         """The context side of :meth:`prepare`: embed, encode and (TCA) build the tree with every node's keys
         and values projected once. The result serves any number of query batches (:meth:`query`).
@@ -359,11 +362,14 @@ class ReTreever(nn.Module):
             lean: drop the encodings and the tree's embeddings once their keys and values exist (greedy
                 inference keeps only what the search and read-out use).
             chunk: bound the build's temporaries to about this many rows (embedding and aggregation, without
-                autograd); None: one call per level. Values do not change.
+                autograd); None: :attr:`build_chunk` without autograd, else one call per level. Values do not
+                change.
         """
         c = self.cfg
         if full is None:
             full = c.decoder == "ca" or (c.decoder == "tca" and self.training and c.lambda_ca > 0)
+        if chunk is None and not torch.is_grad_enabled():
+            chunk = self.build_chunk
         self._check(batch)
         keep_enc = full or not lean or c.decoder == "perceiver"  # Perceiver IO's latents attend to the encodings
         ctx = Context(batch, None, None, None)

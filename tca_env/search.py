@@ -92,6 +92,12 @@ def _gather_block(table: torch.Tensor, parent: torch.Tensor, c: int, out: torch.
     return rows.view(*parent.shape, c, *table.shape[2:])
 
 
+def gather_children(table: torch.Tensor, node: torch.Tensor, b: int) -> torch.Tensor:
+    """Rows of the ``b`` children of ``node [B, M]`` in the next level's ``table [B, R, ...]``: ``[B, M, b, ...]``
+    (one index_select; the environment's observations)."""
+    return _gather_block(table, node, b)
+
+
 def child_index(shape: TreeShape, s: int, node: torch.Tensor) -> torch.Tensor:
     """Indices at level s+1 of the children of ``node [B, M]`` (level s): ``[B, M, b]``."""
     return node.unsqueeze(-1) * shape.b + torch.arange(shape.b, device=node.device)

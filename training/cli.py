@@ -64,6 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--checkpoint", required=True, help="Path to a checkpoint.pt written by `tca train`.")
     ev.add_argument("--eval-size", type=int, default=None, help="Evaluation tasks (default: as trained).")
     ev.add_argument("--eval-seed", type=int, default=None, help="Evaluation seed (default: as trained).")
+    ev.add_argument("--context-len", type=int, default=None, help="Evaluate at exactly this many context tokens "
+                    "N, whatever the training sizes (tasks with a context_len option, e.g. recall: the same weights "
+                    "at N = 2^10 ... 2^20).")
+    ev.add_argument("--eval-batch", type=int, default=None, help="Context sets per evaluation batch (default: as "
+                    "trained; lower it for a large --context-len).")
     ev.add_argument("--device", default="cpu", help="Torch device (default: cpu).")
     ev.add_argument("--json", action="store_true", help="Print the result as JSON.")
     ev.add_argument("--png", default=None, help="Also save the task's figure (GP fits, image completions) here.")
@@ -103,6 +108,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         overrides["eval_size"] = args.eval_size
     if args.eval_seed is not None:
         overrides["eval_seed"] = args.eval_seed
+    if args.eval_batch is not None:
+        overrides["eval_batch"] = args.eval_batch
+    if args.context_len is not None:
+        overrides.update(context_len=args.context_len, min_context_len=None)
     cfg = TrainConfig(**{**ckpt["train_config"], **overrides})
     trainer = make_trainer(cfg)
     if cfg.agent == "fused":

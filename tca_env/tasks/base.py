@@ -115,6 +115,10 @@ class Task(ABC):
     std_form: str = "exp"
     """How a Normal head turns its raw output into a standard deviation: "exp" or "bounded"."""
     sequential: bool = False
+    size_options: tuple[str, ...] = ()
+    """Constructor options that set only how big a sample is (e.g. the recall task's context_len): a trained
+    predictor may be run with other values of these (generalising across sizes is the point), while any
+    other option that differs from its training task is a contradiction."""
     model_defaults: dict[str, Any] = {}
     """ModelConfig fields this task's models take unless told otherwise (e.g. the recall task's model has no
     context encoder)."""

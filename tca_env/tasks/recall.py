@@ -34,6 +34,7 @@ class RecallTask(Task):
     sequential = False
     # No context encoder (a quadratic one cannot run at N = 2^20), and Fourier features of the keys.
     model_defaults = {"encoder": "constant", "fourier_octaves": 8}
+    size_options = ("context_len", "min_context_len", "num_queries")
 
     def __init__(self, context_len: int = 1024, num_queries: int = 64, key_dim: int = 4, num_classes: int = 10,
                  min_context_len: int | None = None):
