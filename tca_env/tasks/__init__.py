@@ -12,8 +12,8 @@ from .activity import ActivityTask
 from .base import HEADS, ORDERINGS, REWARDS, Batch, Task
 from .copy import CopyTask
 from .gp import GPTask
-from .recall import RecallTask
 from .images import ImageCompletionTask, completion_grid, faces_task, mnist_task, plot_completions
+from .recall import RecallTask
 
 TASKS: dict[str, Callable[..., Task]] = {
     "copy": CopyTask,
@@ -63,4 +63,5 @@ def _import_task(spec: str) -> Callable[..., Task]:
 
 
 __all__ = ["Batch", "Task", "TASKS", "HEADS", "ORDERINGS", "REWARDS", "make_task", "register_task",
-           "CopyTask", "GPTask", "ImageCompletionTask", "ActivityTask", "RecallTask", "completion_grid", "plot_completions"]
+           "CopyTask", "GPTask", "ImageCompletionTask", "ActivityTask", "RecallTask", "completion_grid",
+           "plot_completions"]
