@@ -163,7 +163,8 @@ def work_env(n: int, checkpoint: str | None, num_envs: int, rounds: int, array_t
     import tca_env  # noqa: F401 - registers the env
 
     predictor = checkpoint or "fresh"
-    opts = {"context_len": n, "num_queries": num_envs * rounds}
+    # One round more than timed: the step that ends a tree's last round samples and builds the next tree.
+    opts = {"context_len": n, "num_queries": num_envs * (rounds + 1)}
     t = time.perf_counter()
     env = gym.make_vec("TreeRetrieval-v0", num_envs=num_envs, vectorization_mode="vector_entry_point",
                        task="recall", task_options=opts, predictor=predictor, array_type=array_type)

@@ -59,7 +59,7 @@ def load_predictor(path: str | os.PathLike, device: str | torch.device = "cpu") 
 
 
 #: TrainConfig fields that are task constructor options
-TASK_OPTION_FIELDS = ("seq_len", "query_positions", "kernel", "source")
+TASK_OPTION_FIELDS = ("seq_len", "query_positions", "context_len", "min_context_len", "kernel", "source")
 
 
 def task_of(ckpt: dict[str, Any]) -> tuple[str, dict[str, Any]]:

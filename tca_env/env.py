@@ -61,7 +61,9 @@ def build_task_and_predictor(task: str | Task | None, task_options: dict[str, An
     shipped predictor, :mod:`tca_env.pretrained`) or a checkpoint path. A shipped or saved predictor
     brings the task it was trained on: ``task`` / ``task_options`` may be left out, and if given they must
     agree with it (a contradiction is an error naming both values): a predictor trained on another task
-    size would hand out rewards at chance without a word.
+    size would hand out rewards at chance without a word. The exception is a task's ``size_options``
+    (the recall task's context_len, min_context_len, num_queries): a predictor may be run at other sizes,
+    and sizes given replace all the trained ones.
     """
     if isinstance(predictor, str) and predictor == "fresh":
         predictor = None
@@ -88,6 +90,8 @@ def build_task_and_predictor(task: str | Task | None, task_options: dict[str, An
         if clash:
             raise ValueError(f"task_options contradict the task the predictor was trained on (given, trained): "
                              f"{clash}; pass predictor='fresh' to train a new one")
+        if sizes & set(options):  # sizes given: they replace the trained ones (no trained min_context_len left)
+            opts = {k: v for k, v in opts.items() if k not in sizes}
         task, options = name, {**opts, **options}
     built = make_task(task or "copy", **options)
     return built, make_predictor(built, predictor, branch, device, seed, model_options)

@@ -184,3 +184,38 @@ def test_chunked_build_peak_memory_grows_linearly():
     ratio = peaks[1] / peaks[0]
     print(f"peaks {peaks}, ratio {ratio:.2f}")
     assert 4 / 1.3 <= ratio <= 4 * 1.3, (peaks, ratio)
+
+
+def test_a_trained_recall_predictor_runs_at_other_context_sizes(tmp_path, capsys):
+    """The recall task's sizes (context_len, num_queries) are free for a trained predictor, in the env and in
+    `tca eval --context-len`; any other option that differs from its training task is still an error."""
+    import gymnasium as gym
+
+    import tca_env  # noqa: F401 - registers the env
+    from training.cli import main
+    from training.config import build_config
+    from training.cotrain import Trainer
+
+    cfg = build_config(task="recall", context_len=64, min_context_len=8, d_model=16, nhead=2, dim_ff=32,
+                       emb_depth=2, steps=2, batch_size=2, eval_size=4, eval_batch=2, eval_every=0,
+                       progress=False, run_dir=str(tmp_path / "run"))
+    Trainer(cfg).fit()
+    ckpt = str(tmp_path / "run" / "checkpoint.pt")
+    env = gym.make_vec("TreeRetrieval-v0", num_envs=32, vectorization_mode="vector_entry_point", task="recall",
+                       task_options={"context_len": 1000, "num_queries": 32}, predictor=ckpt)
+    env.reset(seed=0)
+    q = env.unwrapped.queries
+    assert q.batch.N == 1000 and q.k == 9
+    tree, target, P = q.ctx.tree, q.task.target_tokens(q.batch)[0], q.shape.P  # before the autoreset
+    for _ in range(9):
+        obs, reward, term, trunc, info = env.step(q.correct_actions().numpy())
+    assert term.all()
+    # the oracle's leaves hold every query's key, so its paths reach the right token (the reward is the
+    # untrained predictor's; what is checked is that the path is the correct one)
+    leaf_tokens = tree.token_index.view(1, -1, P)[0, torch.as_tensor(info["final_info"]["path"][:, -1])]
+    assert (leaf_tokens == target.unsqueeze(-1)).any(-1).all()
+    with pytest.raises(ValueError, match="num_classes"):
+        gym.make("TreeRetrieval-v0", predictor=ckpt, task_options={"num_classes": 5})
+    assert main(["eval", "--checkpoint", ckpt, "--context-len", "512", "--eval-size", "2", "--eval-batch", "1",
+                 "--json"]) == 0
+    assert 0.0 <= json.loads(capsys.readouterr().out.strip().splitlines()[-1])["test/accuracy"] <= 1.0
