@@ -29,6 +29,7 @@ from torch import nn
 from tca_env.env import TreeRetrievalEnv
 from tca_env.vector_env import TreeRetrievalVectorEnv
 
+from . import AGENT_NAMES
 from .attention import AttentionPolicy, ReinforceAgent, obs_to_torch
 
 # ------------------------------------------------------------------------------------------- VecEnv
@@ -202,7 +203,8 @@ class CorrectLeafAgent:
 
 
 SB3_ALGORITHMS: dict[str, type[BaseAlgorithm]] = {"ppo": PPO, "a2c": A2C, "dqn": DQN, "maskable_ppo": MaskablePPO}
-AGENT_NAMES = ("reinforce", "random", *SB3_ALGORITHMS)
+if set(AGENT_NAMES) != {"reinforce", "random", *SB3_ALGORITHMS}:
+    raise ImportError("agents.AGENT_NAMES and agents.sb3.SB3_ALGORITHMS disagree")
 #: agents that only act (evaluation references), not offered for co-training
 REFERENCE_AGENTS = ("predictor", "correct_leaf")
 

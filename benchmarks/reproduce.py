@@ -30,8 +30,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tca_env.model import DECODERS
+
 TASKS = ("gp", "mnist", "faces", "activity")
-DECODERS = ("tca", "ca", "perceiver")
+
 ROWS = ("ca", "perceiver", "tca")  # the paper's row order
 # Table cells: a bare | would split the cell, hence the escapes.
 METHODS = {"ca": "Transformer + Cross Attention", "perceiver": r"Perceiver IO (latents = \|S\|)",

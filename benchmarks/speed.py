@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-DECODERS = ("tca", "ca", "perceiver")
+from tca_env.model import DECODERS
 
 
 def rss_mib() -> float:

@@ -10,8 +10,13 @@ import json
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
-from tca_env.model import ModelConfig
-from tca_env.tasks import Task, make_task
+from agents import AGENT_NAMES
+from tca_env.model import BASELINES, DECODERS, ENCODERS, ModelConfig
+from tca_env.tasks import ORDERINGS, REWARDS, TASKS, Task, make_task
+from tca_env.tasks.copy import CopyTask
+
+#: --agent choices: the fused paper step, or an agent acting through the env (agents.sb3.make_agent's names)
+AGENTS = ("fused", *AGENT_NAMES)
 
 
 def opt(default: Any, help: str, choices: tuple | None = None) -> Any:  # noqa: A002 - mirrors argparse
@@ -21,14 +26,14 @@ def opt(default: Any, help: str, choices: tuple | None = None) -> Any:  # noqa: 
 @dataclass
 class TrainConfig:
     # --- task
-    task: str = opt("copy", "Task to train on: copy, gp, mnist, faces, activity, or your own as "
+    task: str = opt("copy", f"Task to train on: {', '.join(TASKS)}, or your own as "
                     "package.module:ClassName (a tca_env.tasks.Task subclass or factory).")
     task_args: str | None = opt(None, "JSON object of task constructor arguments, for any task (e.g. your own): "
                                 "'{\"n\": 10}'. The named task flags below take precedence.")
     seq_len: int | None = opt(None, "Copy task: sequence length L; the tree holds L/2 tokens, L/2 queries.")
     query_positions: str | None = opt(None, "Copy task: query positions L/2..L-1 after the context (after, the "
                                       "default) or 0..L/2-1 of their own (own, as the reference code).",
-                                      ("after", "own"))
+                                      CopyTask.QUERY_POSITIONS)
     context_len: int | None = opt(None, "Recall task: context pairs N per set (the largest N with a "
                                   "min_context_len in --task-args).")
     min_context_len: int | None = opt(None, "Recall task: smallest N; each batch then draws N log-uniformly in "
@@ -37,7 +42,7 @@ class TrainConfig:
     source: str | None = opt(None, "Data source of the images / activity tasks (e.g. synthetic: no data package).")
     # --- model (None: task / paper default)
     decoder: str = opt("tca", "Read-out: tca (tree search), ca (full cross attention), perceiver (latents).",
-                       ("tca", "ca", "perceiver"))
+                       DECODERS)
     d_model: int | None = opt(None, "Model width D (paper: 64).")
     nhead: int | None = opt(None, "Attention heads (paper: 4).")
     dim_ff: int | None = opt(None, "Feed-forward width (paper: 128).")
@@ -45,27 +50,27 @@ class TrainConfig:
     fourier_octaves: int | None = opt(None, "Fourier features of the inputs, octaves 2^0..2^(F-1) (0: off, the "
                                       "paper's model; the recall task's default: 8).")
     encoder: str | None = opt(None, "Context encoder: quadratic (Transformer) or constant (none).",
-                              ("quadratic", "constant"))
+                              ENCODERS)
     enc_layers: int | None = opt(None, "Transformer encoder layers (paper: 6).")
     dropout: float | None = opt(None, "Dropout of attention weights, feed-forward outputs and the position encoding.")
     policy_dropout: bool | None = opt(None, "Also drop the search policy's per-head probabilities, as the reference "
                                       "code samples (default: no).")
     branch: int | None = opt(None, "Tree branch factor b (paper: 2).")
     ordering: str | None = opt(None, "Tree ordering: natural, coord, projection or kd (task default).",
-                               ("natural", "coord", "projection", "kd"))
+                               ORDERINGS)
     bptt: bool | None = opt(None, "Backpropagate through the tree aggregator into the encoder.")
     num_latents: int | None = opt(None, "Perceiver IO latents (default |S|: equal tokens with tca).")
     lambda_ca: float | None = opt(None, "Weight of L_CA, the full cross-attention auxiliary loss (paper: 1).")
     lambda_rl: float | None = opt(None, "Weight of L_RL, the REINFORCE loss of the search (paper: 1).")
-    reward: str | None = opt(None, "RL reward: acc, nce, ll or mse (task default).", ("acc", "nce", "ll", "mse"))
+    reward: str | None = opt(None, "RL reward: acc, nce, ll or mse (task default).", REWARDS)
     rl_baseline: str | None = opt(None, "REINFORCE baseline: none, batch_mean or ema.",
-                                  ("none", "batch_mean", "ema"))
+                                  BASELINES)
     entropy_coef: float | None = opt(None, "Entropy bonus of the search policy (paper: 0.01).")
     # --- search agent
     agent: str = opt("fused", "Search agent: fused (the paper's step: the read-out's attention trained by REINFORCE "
                      "in the predictor's own backward pass), reinforce (the same policy acting through the env), "
                      "ppo, a2c, dqn, maskable_ppo (Stable-Baselines3 / sb3-contrib on the env), or random (the floor).",
-                     ("fused", "reinforce", "ppo", "a2c", "dqn", "maskable_ppo", "random"))
+                     AGENTS)
     agent_lr: float | None = opt(None, "Learning rate of an external agent (default: the algorithm's own).")
     agent_options: str | None = opt(None, "JSON object of extra agent constructor arguments, e.g. "
                                     "'{\"n_epochs\": 8}' for ppo (see agents.sb3.make_agent).")
