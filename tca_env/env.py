@@ -245,7 +245,16 @@ class TreeQueries:
         probe = task.sample(1, torch.Generator().manual_seed(0))
         self.M = probe.M
         self.finished: list[FinishedBatch] = []
+        # The served tree batch (load_batch) and the round of queries descending it (_start_round).
         self.ctx: Context | None = None
+        self.batch: Batch | None = None
+        self.shape: TreeShape | None = None
+        self.k = self.B = self.Q = self.batch_M = self.rounds = self.round = self.s = 0
+        self.complete = True  # every round of the batch so far ran to its leaf (it can be replayed whole)
+        self.rows, self.cols, self.pos = slice(0, 0), slice(0, 0), None
+        self.sub: Context | None = None
+        self.path = self.invalid = self.query_emb = self.child_emb = self.mask = self.policy_probs = None
+        self.actions = self.rewards = self.metrics = self.invalids = None  # record_batches buffers
         self.done = False
 
     @property
