@@ -298,7 +298,7 @@ def descend(kv: TreeKV, q: torch.Tensor, mode: str = "greedy", actions: torch.Te
             log_prob = log_prob + r.log_probs.gather(-1, r.action.unsqueeze(-1)).squeeze(-1)
             ent = ent + head_entropy(r.probs)
         path[..., s + 1] = r.node
-        sib_logits.append(_sibling_logits(r.scores, r.mask, r.action.unsqueeze(-1)))
+        sib_logits.append(sibling_logits(r.scores, r.mask, r.action.unsqueeze(-1)))
     if k > 0:
         ent = ent / k
     return Descent(path, log_prob, ent, sib_logits, kv.shape.b)
@@ -315,8 +315,9 @@ def _step_action(path: torch.Tensor, b: int, s: int) -> torch.Tensor:
     return path[..., s + 1:s + 2] - b * path[..., s:s + 1]
 
 
-def _sibling_logits(scores: torch.Tensor, mask: torch.Tensor | None, action: torch.Tensor) -> torch.Tensor:
-    """Keep the per-head scores ``[B, M, b, H]`` of the b-1 unselected children: ``[B, M, b-1, H]``.
+def sibling_logits(scores: torch.Tensor, mask: torch.Tensor | None, action: torch.Tensor) -> torch.Tensor:
+    """The read-out's logits of a level's unselected children (what :func:`readout` reuses from a search):
+    keep the per-head scores ``[B, M, b, H]`` of the b-1 unselected children: ``[B, M, b-1, H]``.
 
     Padded siblings get a finite large negative logit (weight exactly 0 after the softmax).
     """
@@ -387,7 +388,7 @@ def readout(kv: TreeKV, q: torch.Tensor, path: torch.Tensor, descent: Descent | 
         logits = []
         for s in range(k):
             sc, cm = child_scores(kv, q, s, path[..., s])
-            logits.append(_sibling_logits(sc, cm, _step_action(path, b, s)))
+            logits.append(sibling_logits(sc, cm, _step_action(path, b, s)))
     leaf = path[..., k]  # [B, M]
     tok = bucket_index(shape, leaf)  # [B, M, P]
     # One slot at a time, so the workspace holds a single row per query.
