@@ -21,6 +21,8 @@ from torch import nn
 from tca_env import search
 from tca_env.model import BASELINES, ReadOut, ReTreever
 
+from .base import Rollout, StepwiseAgent
+
 
 class AttentionPolicy(nn.Module):
     """Log-probabilities ``[n, b]`` of the children from an observation batch, with a read-out's weights."""
@@ -39,7 +41,7 @@ def obs_to_torch(obs: dict[str, Any], device: torch.device) -> dict[str, torch.T
             for k, v in obs.items()}
 
 
-class ReinforceAgent:
+class ReinforceAgent(StepwiseAgent):
     """REINFORCE on the attention policy: loss = -(sum_s log pi(a_s)) (R - baseline) - entropy_coef * H.
 
     Args:
@@ -66,9 +68,11 @@ class ReinforceAgent:
         self.generator = torch.Generator().manual_seed(seed)
 
     def act(self, obs: dict[str, Any], deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """Actions ``[n]`` and the policy's log-probabilities ``[n, b]`` (differentiable when grad is on)."""
+        """Actions ``[n]`` and the policy's log-probabilities ``[n, b]``: differentiable (when grad is on) for a
+        standalone policy, which learns from them; a shared one learns on the predictor's replay instead."""
         o = obs_to_torch(obs, self.device)
-        logp = self.policy(o["query_emb"], o["child_emb"], o["action_mask"])
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.shared):
+            logp = self.policy(o["query_emb"], o["child_emb"], o["action_mask"])
         return search.choose(logp, "greedy" if deterministic else "sample", self.generator), logp
 
     @torch.no_grad()
@@ -87,18 +91,22 @@ class ReinforceAgent:
         adv = self.advantage(reward.detach())
         return search.reinforce_loss(log_prob, entropy, adv, self.entropy_coef)
 
-    def update(self, log_prob: torch.Tensor, entropy: torch.Tensor, reward: torch.Tensor,
-               clip: float | None = 1.0) -> float:
-        """One optimizer step of a standalone policy; returns the loss."""
+    def replay_loss(self, log_prob: torch.Tensor, entropy: torch.Tensor, reward: torch.Tensor) -> torch.Tensor | None:
+        """A shared policy's REINFORCE term, on the predictor's differentiable replay (the fused step's L_RL)."""
+        return self.loss(log_prob, entropy, reward) if self.shared else None
+
+    def update(self, rollout: Rollout, clip: float | None = 1.0) -> dict[str, float]:
+        """One optimizer step of a standalone policy on a rollout's path log-probabilities (a shared policy
+        learned in the predictor's update: nothing to do)."""
         if self.optimizer is None:
-            raise RuntimeError("a shared policy is the predictor's read-out: it learns in the predictor's update")
-        loss = self.loss(log_prob, entropy, reward)
+            return {}
+        loss = self.loss(rollout.log_prob, rollout.entropy, rollout.reward)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if clip:
             torch.nn.utils.clip_grad_norm_(self.policy.parameters(), clip)
         self.optimizer.step()
-        return float(loss.detach())
+        return {"agent/loss": float(loss.detach())}
 
     def state_dict(self) -> dict[str, Any]:
         return {"shared": self.shared, "entropy_coef": self.entropy_coef, "baseline": self.baseline,

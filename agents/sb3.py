@@ -11,7 +11,10 @@ with ``terminal_observation``), instead of SB3's DummyVecEnv looping over one en
 from __future__ import annotations
 
 import math
+import os
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
@@ -22,6 +25,8 @@ from gymnasium.vector import AutoresetMode
 from sb3_contrib import MaskablePPO
 from stable_baselines3 import A2C, DQN, PPO
 from stable_baselines3.common.base_class import BaseAlgorithm
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.logger import KVWriter, Logger
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from stable_baselines3.common.vec_env import VecEnv
 from torch import nn
@@ -31,6 +36,7 @@ from tca_env.vector_env import TreeRetrievalVectorEnv
 
 from . import AGENT_NAMES
 from .attention import AttentionPolicy, ReinforceAgent, obs_to_torch
+from .base import StepwiseAgent
 
 # ------------------------------------------------------------------------------------------- VecEnv
 
@@ -153,7 +159,7 @@ class ChildAttentionExtractor(BaseFeaturesExtractor):
 # ------------------------------------------------------------------------------------------- agents
 
 
-class RandomAgent:
+class RandomAgent(StepwiseAgent):
     """The floor: a uniformly random real child at every step (SB3-style ``predict``; nothing to learn)."""
 
     def __init__(self, seed: int = 0):
@@ -166,6 +172,10 @@ class RandomAgent:
         # The largest of i.i.d. uniforms is equally likely to sit on any real child.
         return np.where(mask, self.rng.random(mask.shape), -1.0).argmax(-1), None
 
+    def eval_policy(self, seed: int) -> RandomAgent:
+        """Evaluation draws its own seeded choices, so it is a fixed function of the checkpoint."""
+        return RandomAgent(seed)
+
     def state_dict(self) -> dict[str, Any]:
         return {"rng": self.rng.bit_generator.state}
 
@@ -173,7 +183,7 @@ class RandomAgent:
         self.rng.bit_generator.state = state["rng"]
 
 
-class PredictorAgent:
+class PredictorAgent(StepwiseAgent):
     """The predictor's own greedy attention policy as an agent (the argmax of its read-out attention over the
     children; SB3-style ``predict``, nothing to learn): the reference that scores are normalised against."""
 
@@ -188,7 +198,7 @@ class PredictorAgent:
         return self.policy(o["query_emb"], o["child_emb"], o["action_mask"]).argmax(-1).cpu().numpy(), None
 
 
-class CorrectLeafAgent:
+class CorrectLeafAgent(StepwiseAgent):
     """The oracle where a task knows each query's target token (the copy task): the child on the way to the leaf
     that holds it. It reads the env's current queries, so it acts only on the env it was made for."""
 
@@ -301,3 +311,107 @@ def predict(agent: Any, obs: dict[str, Any], deterministic: bool = True) -> np.n
         return agent.predict(obs, action_masks=masks, deterministic=deterministic)[0]
     return agent.predict(obs, deterministic=deterministic)[0]
 
+
+
+# ---------------------------------------------------------------------------------- co-training adapter
+
+class SB3Agent:
+    """A Stable-Baselines3 / sb3-contrib algorithm in the co-training loop (the :class:`agents.base.Agent`
+    interface). SB3 owns the loop (``learn``); at each rollout end (one rollout = one tree batch) a callback
+    updates the predictor on every finished batch and logs, and SB3's own scalars go to the trainer's
+    TensorBoard run under ``agent/...``. The algorithm is saved as its own zip beside the checkpoint."""
+
+    def __init__(self, algo: BaseAlgorithm):
+        self.algo = algo
+
+    def act(self, obs: dict[str, Any]) -> tuple[torch.Tensor, None]:
+        return torch.as_tensor(predict(self.algo, obs, deterministic=False)), None
+
+    def replay_loss(self, log_prob: torch.Tensor, entropy: torch.Tensor, reward: torch.Tensor) -> None:
+        return None
+
+    def update(self, rollout: Any, clip: float | None) -> dict[str, float]:
+        return {}  # SB3 learns inside ``learn``
+
+    def eval_policy(self, seed: int) -> BaseAlgorithm:
+        return self.algo
+
+    def run(self, trainer: Any) -> None:
+        algo, env = self.algo, trainer.env
+        algo.set_logger(Logger(folder=None, output_formats=[_AgentScalars(trainer)]))
+        per_batch = env.num_envs * env.queries.k_max
+        # Upper bound on env steps: the callback stops learning once the predictor has had its updates.
+        total = 2 * (trainer.cfg.steps - trainer.step + 1) * per_batch
+        log_interval = env.num_envs if isinstance(algo, DQN) else 1  # off-policy counts episodes
+        algo.learn(total_timesteps=total, callback=_PredictorUpdate(trainer), log_interval=log_interval,
+                   reset_num_timesteps=trainer.step == 0)
+
+    def save(self, path: Path) -> dict[str, Any]:
+        """Write the algorithm to ``<checkpoint stem>.agent.zip`` beside ``path`` (temp file + rename)."""
+        name = f"{path.stem}.agent.zip"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".zip", dir=path.parent)
+        os.close(fd)
+        try:
+            self.algo.save(tmp)
+            os.replace(tmp, path.parent / name)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return {"file": name}
+
+    def load(self, path: Path, saved: dict[str, Any]) -> None:
+        file = Path(path).parent / saved["file"]
+        if not file.is_file():
+            raise FileNotFoundError(f"checkpoint {path} needs its agent file {file}")
+        self.algo = type(self.algo).load(file, env=self.algo.get_env(), device=self.algo.device)
+
+
+def cotrain_agent(agent: Any) -> Any:
+    """``agent`` (from :func:`make_agent`) as the co-trainer drives it: SB3 algorithms wrapped in :class:`SB3Agent`."""
+    return SB3Agent(agent) if isinstance(agent, BaseAlgorithm) else agent
+
+
+class _PredictorUpdate(BaseCallback):
+    """Steps 3 and 4 of the loop for SB3 agents: at each rollout end, update the predictor on every finished
+    tree batch; stop learning once the predictor has had ``steps`` updates."""
+
+    def __init__(self, trainer: Any):
+        super().__init__()
+        self.trainer = trainer
+
+    def _on_step(self) -> bool:
+        return self.trainer.step < self.trainer.cfg.steps
+
+    def _on_rollout_end(self) -> None:
+        t = self.trainer
+        for fb in t.env.pop_finished():
+            if t.step < t.cfg.steps:
+                t.after_step(t.learn_from(fb))
+
+
+class _AgentScalars(KVWriter):
+    """SB3's logger output into the co-trainer's TensorBoard run, as ``agent/<key>`` at the predictor's step.
+
+    Adds ``agent/entropy``: minus PPO/A2C's entropy loss, or the entropy of DQN's epsilon-greedy policy.
+    """
+
+    def __init__(self, trainer: Any):
+        self.trainer = trainer
+
+    def write(self, key_values: dict[str, Any], key_excluded: dict[str, Any], step: int = 0) -> None:
+        writer, at = self.trainer.writer, self.trainer.step
+        for key, value in key_values.items():
+            excluded = key_excluded.get(key) or ()
+            if "tensorboard" in excluded or isinstance(value, (str, bool)) or not np.isscalar(value):
+                continue
+            writer.add_scalar(f"agent/{key}", float(value), at)
+        if "train/entropy_loss" in key_values:
+            writer.add_scalar("agent/entropy", -float(key_values["train/entropy_loss"]), at)
+        if "rollout/exploration_rate" in key_values:
+            eps, b = float(key_values["rollout/exploration_rate"]), self.trainer.env.queries.b
+            p = np.array([1 - eps + eps / b] + [eps / b] * (b - 1))
+            writer.add_scalar("agent/entropy", float(-(p * np.log(np.maximum(p, 1e-12))).sum()), at)
+
+    def close(self) -> None:
+        pass

@@ -29,8 +29,8 @@ from stable_baselines3 import PPO
 
 import tca_env
 from agents.attention import ReinforceAgent
+from agents.base import play_episodes
 from agents.sb3 import SB3VecEnv, make_agent
-from tca_env import search
 from tca_env.evaluation import evaluate, varying_queries
 from tca_env.model import ReTreever
 from tca_env.vector_env import TreeRetrievalVectorEnv
@@ -49,16 +49,9 @@ def train_reinforce(env: TreeRetrievalVectorEnv, steps: int, seed: int) -> Reinf
     obs, _ = env.reset(seed=seed)
     done = 0
     while done < steps:
-        log_prob = entropy = torch.zeros(env.num_envs)
-        while True:
-            action, logp = agent.act(obs)
-            log_prob = log_prob + logp.gather(-1, action.unsqueeze(-1)).squeeze(-1)
-            entropy = entropy + search.entropy(logp)
-            obs, reward, term, _, _ = env.step(action.numpy())
-            done += env.num_envs
-            if bool(np.asarray(term).all()):
-                break
-        agent.update(log_prob, entropy, torch.as_tensor(reward, dtype=torch.float32))
+        obs, rollout = play_episodes(agent, env, obs)
+        done += env.num_envs * rollout.steps
+        agent.update(rollout)
     return agent
 
 

@@ -8,6 +8,7 @@ from sb3_contrib.common.maskable.utils import get_action_masks, is_masking_suppo
 from stable_baselines3 import A2C, DQN, PPO
 
 from agents.attention import AttentionPolicy, ReinforceAgent
+from agents.base import Rollout
 from agents.sb3 import AGENT_NAMES, ChildAttentionExtractor, RandomAgent, SB3VecEnv, make_agent, predict
 from tca_env.vector_env import TreeRetrievalVectorEnv
 
@@ -53,11 +54,15 @@ def test_standalone_reinforce_update_raises_the_rewarded_action():
     obs, _ = venv.reset(seed=0)
     action, logp = agent.act(obs)
     before = logp.detach().gather(1, action.unsqueeze(1))
-    agent.update(logp.gather(1, action.unsqueeze(1)).squeeze(1), torch.zeros(16), torch.ones(16))
+    stats = agent.update(Rollout(logp.gather(1, action.unsqueeze(1)).squeeze(1), torch.zeros(16), torch.ones(16), 1))
+    assert "agent/loss" in stats
     after = agent.act(obs)[1].detach().gather(1, action.unsqueeze(1))
     assert (after > before).float().mean() > 0.8
-    with pytest.raises(RuntimeError, match="shared"):
-        ReinforceAgent(venv.predictor).update(before.squeeze(1), torch.zeros(16), torch.ones(16))
+    # a shared policy learns in the predictor's update (its replay loss), not in its own step
+    shared = ReinforceAgent(venv.predictor)
+    assert shared.update(Rollout(before.squeeze(1), torch.zeros(16), torch.ones(16), 1)) == {}
+    assert agent.replay_loss(before, torch.zeros(16), torch.ones(16)) is None
+    assert shared.replay_loss(before, torch.zeros(16), torch.ones(16)) is not None
 
 
 def test_sb3_adapter_batches_autoresets_and_honours_seeds():

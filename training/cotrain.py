@@ -10,25 +10,17 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
-from stable_baselines3 import DQN
-from stable_baselines3.common.base_class import BaseAlgorithm
-from stable_baselines3.common.callbacks import BaseCallback
-from stable_baselines3.common.logger import KVWriter, Logger
 from tqdm.auto import tqdm
 
-from agents.attention import ReinforceAgent
-from agents.sb3 import RandomAgent, SB3VecEnv, make_agent
+from agents.base import Rollout, play_episodes
+from agents.sb3 import cotrain_agent, make_agent
 from agents.sb3 import predict as sb3_predict
-from tca_env import search
 from tca_env.checkpoint import load_predictor
 from tca_env.env import FinishedBatch
 from tca_env.model import ModelConfig, ReTreever
@@ -271,7 +263,7 @@ class CoTrainer(Trainer):
         self.env = TreeRetrievalVectorEnv(cfg.batch_size * M, task=self.task, predictor=self.model,
                                           batch_size=cfg.batch_size, seed=cfg.seed, record_batches=True,
                                           array_type="torch" if self.native else "numpy")
-        self.agent = make_agent(cfg.agent, self.env, **self.agent_options())
+        self.agent = cotrain_agent(make_agent(cfg.agent, self.env, **self.agent_options()))  # agents.base.Agent
         self._obs: dict[str, Any] | None = None
         self._eval_envs: dict[int, TreeRetrievalVectorEnv] = {}
         self._last_update = time.perf_counter()
@@ -296,35 +288,17 @@ class CoTrainer(Trainer):
                 base["ent_coef"] = cfg.entropy_coef
         return {**base, **cfg.agent_kwargs()}
 
-    @property
-    def shared_policy(self) -> bool:
-        return isinstance(self.agent, ReinforceAgent) and self.agent.shared
-
     # ------------------------------------------------------------------------------------ one iteration
 
-    def rollout(self, batch: Batch | None = None) -> tuple[FinishedBatch, dict[str, Any]]:
-        """A native agent descends one tree batch (the next one, or ``batch``): k steps of every env slot."""
+    def rollout(self, batch: Batch | None = None) -> tuple[FinishedBatch, Rollout]:
+        """The agent descends one tree batch (the next one, or ``batch``): k steps of every env slot."""
         if batch is not None:
             self._obs, _ = self.env.reset(options={"batch": batch})
         elif self._obs is None:
             self._obs, _ = self.env.reset(seed=self.cfg.seed + self.step)
-        agent, steps = self.agent, 0
-        log_prob = entropy = torch.zeros(self.env.num_envs, device=self.device)
-        while True:
-            if isinstance(agent, ReinforceAgent):
-                # A shared policy learns on the predictor's replay; a standalone one on these observations.
-                with torch.set_grad_enabled(not agent.shared):
-                    action, logp = agent.act(self._obs)
-                log_prob = log_prob + logp.gather(-1, action.unsqueeze(-1)).squeeze(-1)
-                entropy = entropy + search.entropy(logp)
-            else:
-                action = torch.as_tensor(agent.predict(self._obs)[0])
-            self._obs, reward, terminated, _, _ = self.env.step(action)
-            steps += 1
-            if bool(terminated.all()):
-                break
+        self._obs, rollout = play_episodes(self.agent, self.env, self._obs)
         (finished,) = self.env.pop_finished()
-        return finished, {"log_prob": log_prob, "entropy": entropy, "reward": reward, "steps": steps}
+        return finished, rollout
 
     def losses(self, fb: FinishedBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The predictor's loss on the agent's paths, plus the shared policy's REINFORCE term."""
@@ -332,10 +306,11 @@ class CoTrainer(Trainer):
         out = self.model(fb.batch, actions=fb.actions)
         terms = {k: v for k, v in out.terms.items() if k not in ("loss_rl", "reward", "entropy")}
         loss = out.loss
-        if self.shared_policy:
-            # The fused step's L_RL, on the same differentiable tree: reward of the training-mode prediction.
-            reward = self.model.head.reward(out.out, fb.batch.yt, self.model.cfg.reward)
-            l_rl = self.agent.loss(out.descent.log_prob, out.descent.entropy, reward)
+        # A shared policy's REINFORCE term (the fused step's L_RL) on the same differentiable tree: the reward of
+        # the training-mode prediction.
+        reward = self.model.head.reward(out.out, fb.batch.yt, self.model.cfg.reward)
+        l_rl = self.agent.replay_loss(out.descent.log_prob, out.descent.entropy, reward)
+        if l_rl is not None:
             loss = loss + l_rl
             terms.update(loss_rl=l_rl.detach(), reward=reward.mean(), entropy=out.descent.entropy.detach().mean(),
                          loss=loss.detach())
@@ -363,35 +338,14 @@ class CoTrainer(Trainer):
     # ------------------------------------------------------------------------------------------ the loop
 
     def run(self) -> None:
-        if isinstance(self.agent, BaseAlgorithm):
-            return self._run_sb3()
-        while self.step < self.cfg.steps:
-            fb, rollout = self.rollout()
-            stats = self.learn_from(fb)
-            if isinstance(self.agent, ReinforceAgent):
-                stats["agent/entropy"] = float(rollout["entropy"].mean()) / rollout["steps"]
-                if not self.agent.shared:
-                    stats["agent/loss"] = self.agent.update(rollout["log_prob"], rollout["entropy"],
-                                                            rollout["reward"], self.cfg.clip)
-            self.after_step(stats)
-
-    def _run_sb3(self) -> None:
-        agent, env = self.agent, self.env
-        agent.set_logger(Logger(folder=None, output_formats=[_AgentScalars(self)]))
-        per_batch = env.num_envs * env.queries.k_max
-        # Upper bound on env steps: the callback stops learning once the predictor has had its updates.
-        total = 2 * (self.cfg.steps - self.step + 1) * per_batch
-        log_interval = env.num_envs if isinstance(agent, DQN) else 1  # off-policy counts episodes
-        agent.learn(total_timesteps=total, callback=_PredictorUpdate(self), log_interval=log_interval,
-                    reset_num_timesteps=self.step == 0)
+        self.agent.run(self)
 
     # -------------------------------------------------------------------------------------- evaluation
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Greedy agent + predictor on the fixed evaluation sets (through the env): both averages per split."""
-        # The floor draws its own seeded choices, so an evaluation is a fixed function of the checkpoint.
-        agent = RandomAgent(self.cfg.eval_seed) if isinstance(self.agent, RandomAgent) else self.agent
+        agent = self.agent.eval_policy(self.cfg.eval_seed)  # an evaluation is a fixed function of the checkpoint
         out: dict[str, float] = {}
         for split, batches in self.eval_sets.items():
             per_batch = []
@@ -418,20 +372,7 @@ class CoTrainer(Trainer):
         """Checkpoint with the agent: its state inside, or (SB3) its own zip beside it, both written atomically."""
         path = Path(path or self.ckpt_path)
         state = self.state()
-        if isinstance(self.agent, BaseAlgorithm):
-            name = f"{path.stem}.agent.zip"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".zip", dir=path.parent)
-            os.close(fd)
-            try:
-                self.agent.save(tmp)
-                os.replace(tmp, path.parent / name)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
-            state["agent"] = {"name": self.cfg.agent, "file": name}
-        else:
-            state["agent"] = {"name": self.cfg.agent, "state": self.agent.state_dict()}
+        state["agent"] = {"name": self.cfg.agent, **self.agent.save(path)}
         return ckpt_io.save_atomic(state, path)
 
     def load(self, path: Path) -> dict[str, Any]:
@@ -440,59 +381,8 @@ class CoTrainer(Trainer):
         if saved is None or saved.get("name") != self.cfg.agent:
             found = "no agent" if saved is None else f"agent {saved.get('name')!r}"
             raise ValueError(f"checkpoint {path} holds {found}; this run uses --agent {self.cfg.agent}")
-        if isinstance(self.agent, BaseAlgorithm):
-            file = Path(path).parent / saved["file"]
-            if not file.is_file():
-                raise FileNotFoundError(f"checkpoint {path} needs its agent file {file}")
-            self.agent = type(self.agent).load(file, env=SB3VecEnv(self.env), device=self.cfg.device)
-        else:
-            self.agent.load_state_dict(saved["state"])
+        self.agent.load(Path(path), saved)
         return ckpt
-
-
-class _PredictorUpdate(BaseCallback):
-    """Steps 3 and 4 of the loop for SB3 agents: at each rollout end, update the predictor on every finished
-    tree batch; stop learning once the predictor has had ``steps`` updates."""
-
-    def __init__(self, trainer: CoTrainer):
-        super().__init__()
-        self.trainer = trainer
-
-    def _on_step(self) -> bool:
-        return self.trainer.step < self.trainer.cfg.steps
-
-    def _on_rollout_end(self) -> None:
-        t = self.trainer
-        for fb in t.env.pop_finished():
-            if t.step < t.cfg.steps:
-                t.after_step(t.learn_from(fb))
-
-
-class _AgentScalars(KVWriter):
-    """SB3's logger output into the co-trainer's TensorBoard run, as ``agent/<key>`` at the predictor's step.
-
-    Adds ``agent/entropy``: minus PPO/A2C's entropy loss, or the entropy of DQN's epsilon-greedy policy.
-    """
-
-    def __init__(self, trainer: CoTrainer):
-        self.trainer = trainer
-
-    def write(self, key_values: dict[str, Any], key_excluded: dict[str, Any], step: int = 0) -> None:
-        writer, at = self.trainer.writer, self.trainer.step
-        for key, value in key_values.items():
-            excluded = key_excluded.get(key) or ()
-            if "tensorboard" in excluded or isinstance(value, (str, bool)) or not np.isscalar(value):
-                continue
-            writer.add_scalar(f"agent/{key}", float(value), at)
-        if "train/entropy_loss" in key_values:
-            writer.add_scalar("agent/entropy", -float(key_values["train/entropy_loss"]), at)
-        if "rollout/exploration_rate" in key_values:
-            eps, b = float(key_values["rollout/exploration_rate"]), self.trainer.env.queries.b
-            p = np.array([1 - eps + eps / b] + [eps / b] * (b - 1))
-            writer.add_scalar("agent/entropy", float(-(p * np.log(np.maximum(p, 1e-12))).sum()), at)
-
-    def close(self) -> None:
-        pass
 
 
 def make_trainer(cfg: TrainConfig) -> Trainer:
