@@ -87,12 +87,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from . import distributed
     from .cotrain import make_trainer
 
     flags = {k: v for k, v in vars(args).items() if k not in ("command", "preset")}
     cfg = build_config(args.preset, **flags)
     trainer = make_trainer(cfg)
-    report = trainer.fit()
+    try:
+        report = trainer.fit()
+    finally:
+        distributed.shutdown()
+    if not trainer.is_main:  # under torchrun rank 0 reports
+        return 0
     evals = " ".join(f"{k}={v:.4f}" for k, v in report["eval"].items())
     print(f"done: {report['steps']} steps in {report['wall_time_s']:.0f} s; held-out {evals}; "
           f"tokens per query {report['tokens']} of {report['max_context']}; run dir {cfg.run_dir}")

@@ -29,6 +29,7 @@ from tca_env.tasks.base import summarize_metric
 from tca_env.vector_env import TreeRetrievalVectorEnv
 
 from . import checkpoint as ckpt_io
+from . import distributed
 from .config import TrainConfig
 
 if TYPE_CHECKING:
@@ -43,6 +44,19 @@ def make_writer(run_dir: Path):
     return SummaryWriter(log_dir=str(run_dir))
 
 
+class _NoWriter:
+    """What ranks other than 0 of a multi-process run log to: nothing (rank 0 writes the one TensorBoard run)."""
+
+    def add_scalar(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def add_figure(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 class Trainer:
     """Trains a ReTreever (or its CA / Perceiver IO baselines) on one task."""
 
@@ -52,14 +66,26 @@ class Trainer:
         if cfg.agent != "fused" and type(self) is Trainer:
             raise ValueError(f"--agent {cfg.agent} trains through the environment: use CoTrainer (make_trainer)")
         torch.set_num_threads(cfg.threads)
-        self.device = torch.device(cfg.device)
+        # Under torchrun: this process's rank among world_size data-parallel processes (training.distributed).
+        self.rank, self.world_size, self.backend = distributed.setup(cfg.device)
+        if self.world_size > 1:
+            if cfg.agent != "fused":
+                raise ValueError(f"--agent {cfg.agent} under torchrun: only the fused paper step (--agent fused) "
+                                 "trains data-parallel; agents acting through the environment run in one process")
+            if cfg.batch_size % self.world_size:
+                raise ValueError(f"--batch-size {cfg.batch_size} does not split over {self.world_size} processes; "
+                                 "use a multiple of the process count")
+        self.device = torch.device(distributed.local_device(cfg.device))
         self.task = cfg.make_task()
         torch.manual_seed(cfg.seed)
         self.model = ReTreever(self.model_config()).to(self.device)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
         self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=cfg.lr_horizon or cfg.steps)
-        # One CPU generator drives batches and sampled searches, so runs match across devices.
+        # One CPU generator drives batches and sampled searches, so runs match across devices. With several
+        # processes it draws the (global) batches, the same on every rank, and each rank samples its searches
+        # with its own generator.
         self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.search_gen = self.gen if self.world_size == 1 else self._rank_generator(0)
         self.step = 0
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_path = self.run_dir / "checkpoint.pt"
@@ -73,6 +99,15 @@ class Trainer:
     #: train-config fields a resumed run must share with its checkpoint (the model config is checked whole)
     RESUME_FIELDS = ("task", "task_args", "seq_len", "query_positions", "kernel", "source", "decoder", "agent",
                      "agent_options", "batch_size")
+
+    def _rank_generator(self, step: int) -> torch.Generator:
+        """This rank's search generator of a multi-process run, seeded from (seed, rank, step)."""
+        return torch.Generator().manual_seed(hash((self.cfg.seed, self.rank, step)) % 2**62)
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 (or the only process): the one that logs, evaluates and writes."""
+        return self.rank == 0
 
     def claim_run_dir(self) -> None:
         """Before writing: refuse a run dir that holds another run, unless this run resumed it or may overwrite it."""
@@ -95,9 +130,10 @@ class Trainer:
     def train_step(self, batch: Batch) -> dict[str, float]:
         """The paper's fused step: sampled search, L_TCA + lambda_CA L_CA + lambda_RL L_RL, one backward."""
         self.model.train()
-        out = self.model(batch, search="sample", generator=self.gen)
+        out = self.model(batch, search="sample", generator=self.search_gen)
         self.opt.zero_grad(set_to_none=True)
         out.loss.backward()
+        distributed.average_gradients(list(self.model.parameters()), self.world_size)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip)
         self.opt.step()
         self.sched.step()
@@ -139,7 +175,8 @@ class Trainer:
                 "model_config": asdict(self.model.cfg), "train_config": asdict(self.cfg)}
 
     def save(self, path: Path | None = None) -> Path:
-        return ckpt_io.save_atomic(self.state(), path or self.ckpt_path)
+        path = path or self.ckpt_path
+        return ckpt_io.save_atomic(self.state(), path) if self.is_main else path
 
     def load(self, path: Path) -> dict[str, Any]:
         ckpt = ckpt_io.load(path, self.device)
@@ -159,36 +196,49 @@ class Trainer:
         self.sched.load_state_dict(ckpt["scheduler"])
         ckpt_io.set_rng_state(ckpt["rng"], self.gen)
         self.step = ckpt["step"]
+        if self.world_size > 1:  # a checkpoint holds rank 0's batch generator; searches are re-seeded per rank
+            self.search_gen = self._rank_generator(self.step)
         return ckpt
 
     # ------------------------------------------------------------------------------------- the loop
 
     def fit(self) -> dict[str, Any]:
         cfg = self.cfg
-        self.claim_run_dir()
-        self.writer = make_writer(self.run_dir)
+        if self.is_main:
+            self.claim_run_dir()
+        distributed.barrier()  # nobody starts before rank 0 has claimed the run dir
+        self.writer = make_writer(self.run_dir) if self.is_main else _NoWriter()
         desc = f"{cfg.task}/{cfg.decoder}" + ("" if cfg.agent == "fused" else f"/{cfg.agent}")
-        self.bar = tqdm(total=cfg.steps, initial=self.step, disable=not cfg.progress, desc=desc, dynamic_ncols=True)
+        if self.world_size > 1:
+            desc += f" x{self.world_size}"
+        self.bar = tqdm(total=cfg.steps, initial=self.step, disable=not (cfg.progress and self.is_main), desc=desc,
+                        dynamic_ncols=True)
         t0 = time.perf_counter()
         self._last_log = (t0, self.step)
         self.run()
         self.bar.close()
         wall = time.perf_counter() - t0
-        evals = self.evaluate()
-        self._log_eval(self.writer, evals, None)
-        self.save()
-        self.writer.close()
         report = {"task": cfg.task, "decoder": cfg.decoder, "agent": cfg.agent, "steps": self.step,
-                  "batch_size": cfg.batch_size, "wall_time_s": wall, "eval": evals, "tokens": self.retrieved_tokens(),
+                  "batch_size": cfg.batch_size, "world_size": self.world_size, "backend": self.backend,
+                  "wall_time_s": wall, "eval": {}, "tokens": self.retrieved_tokens(),
                   "max_context": self.task.max_context, "train_config": asdict(cfg),
                   "model_config": asdict(self.model.cfg)}
-        (self.run_dir / "results.json").write_text(json.dumps(report, indent=2))
+        if self.is_main:
+            report["eval"] = evals = self.evaluate()
+            self._log_eval(self.writer, evals, None)
+            self.save()
+            (self.run_dir / "results.json").write_text(json.dumps(report, indent=2))
+        self.writer.close()
+        distributed.barrier()  # the others end once rank 0 has written everything
         return report
 
     def run(self) -> None:
         """The fused loop: sample a batch of tasks, take one fused step, until ``steps`` updates."""
         while self.step < self.cfg.steps:
             batch = self.task.sample(self.cfg.batch_size, self.gen, self.device)
+            if self.world_size > 1:  # this rank's contiguous slice of the global batch
+                per = self.cfg.batch_size // self.world_size
+                batch = batch.index(slice(self.rank * per, (self.rank + 1) * per))
             self.after_step(self.train_step(batch))
 
     def after_step(self, stats: dict[str, float]) -> None:
@@ -200,6 +250,7 @@ class Trainer:
         if not all(math.isfinite(v) for v in stats.values()):
             raise FloatingPointError(f"non-finite training statistics at step {self.step}: {stats}")
         if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+            stats = distributed.average_stats(stats, self.world_size, self.device)  # every rank takes part
             now = time.perf_counter()
             last_t, last_step = self._last_log
             stats["steps_per_sec"] = (self.step - last_step) / (now - last_t)
@@ -209,7 +260,7 @@ class Trainer:
                 self.writer.add_scalar(k if "/" in k else f"train/{k}", v, self.step)
             self.bar.set_postfix(loss=f"{stats['loss']:.3f}",
                                  **{self.metric_name[:3]: f"{stats[self.metric_name]:.3f}"})
-        if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step != cfg.steps:
+        if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step != cfg.steps and self.is_main:
             self._log_eval(self.writer, self.evaluate(), self.bar)
         if cfg.ckpt_every and self.step % cfg.ckpt_every == 0:
             self.save()
