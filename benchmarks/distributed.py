@@ -1,0 +1,119 @@
+"""Data-parallel training with torchrun on one machine: throughput, learning, and recovery from a killed rank.
+
+* ``throughput``: the copy task (``--preset cpu``, L = 256, tca) for ``--steps`` steps on 1 and on 2 processes
+  (one thread each, fresh run directories); steps per second from each run's own wall time, and the final
+  held-out accuracy of both (run with ``--steps 8000`` for the learning curves: TensorBoard runs in ``--out``).
+* ``failure``: a 2-process run under ``torchrun --max-restarts 1`` whose rank 1 is killed (SIGKILL) once the first
+  checkpoint exists; torchrun restarts both workers with the same arguments (``--resume true``), which continue
+  from the last checkpoint. Reports the step resumed from and whether the run then finished with an intact
+  checkpoint.
+
+    python benchmarks/distributed.py throughput --steps 300
+    python benchmarks/distributed.py failure
+
+Nothing here asserts; it prints and writes ``distributed.json`` to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def launch(args: list[str], procs: int, extra: list[str] | None = None) -> subprocess.Popen:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}",
+                *(extra or [])]
+    cmd = (launcher if procs > 1 else [sys.executable]) + ["-m", "training.cli", "train", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+
+
+def throughput(out: Path, steps: int) -> dict:
+    res = {}
+    for procs in (1, 2):
+        run_dir = out / f"copy256-p{procs}"
+        shutil.rmtree(run_dir, ignore_errors=True)
+        args = ["--task", "copy", "--preset", "cpu", "--steps", str(steps), "--eval-every", str(max(steps // 8, 1)),
+                "--ckpt-every", str(steps), "--run-dir", str(run_dir), "--progress", "false"]
+        p = launch(args, procs)
+        log, _ = p.communicate()
+        if p.returncode != 0:
+            raise SystemExit(f"{procs}-process run failed:\n{log[-3000:]}")
+        report = json.loads((run_dir / "results.json").read_text())
+        res[procs] = {"steps_per_s": steps / report["wall_time_s"], "wall_time_s": report["wall_time_s"],
+                      "accuracy": report["eval"]["test/accuracy"], "world_size": report["world_size"]}
+        print(f"{procs} process(es): {res[procs]['steps_per_s']:.2f} steps/s, accuracy {res[procs]['accuracy']:.4f}",
+              flush=True)
+    res["speedup"] = res[2]["steps_per_s"] / res[1]["steps_per_s"]
+    print(f"speed-up with 2 processes: {res['speedup']:.2f}x")
+    return res
+
+
+def children(pid: int) -> list[int]:
+    """Child pids of ``pid`` (Linux /proc)."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                out.append(int(entry.name))
+    return out
+
+
+def failure(out: Path, steps: int) -> dict:
+    import torch
+
+    run_dir = out / "killed"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    args = ["--task", "copy", "--seq-len", "64", "--encoder", "constant", "--steps", str(steps), "--ckpt-every", "20",
+            "--eval-every", "0", "--run-dir", str(run_dir), "--resume", "true", "--progress", "false"]
+    p = launch(args, 2, ["--max-restarts", "1"])
+    ckpt = run_dir / "checkpoint.pt"
+    while not ckpt.exists():
+        if p.poll() is not None:
+            raise SystemExit(f"the run ended before its first checkpoint:\n{p.stdout.read()[-3000:]}")
+        time.sleep(0.2)
+    time.sleep(1.0)
+    workers = sorted(children(p.pid))
+    step_before = torch.load(ckpt, weights_only=True)["step"]
+    os.kill(workers[-1], signal.SIGKILL)  # the later-started worker: rank 1
+    print(f"killed worker {workers[-1]} (checkpoint at step {step_before})", flush=True)
+    log, _ = p.communicate(timeout=900)
+    (out / "killed.log").write_text(log)
+    final = torch.load(ckpt, weights_only=True)
+    report = json.loads((run_dir / "results.json").read_text()) if (run_dir / "results.json").exists() else None
+    res = {"returncode": p.returncode, "killed_at_checkpoint_step": step_before, "final_step": final["step"],
+           "finished": report is not None and report["steps"] == steps,
+           "worker_killed_and_restarted": "exitcode: -9" in log and p.returncode == 0}
+    print(json.dumps(res), flush=True)
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", choices=("throughput", "failure"), help="Which measurement.")
+    p.add_argument("--steps", type=int, default=300, help="Training steps per run (throughput; failure uses 120).")
+    p.add_argument("--out", default="bench_out/distributed", help="Output directory (run dirs and distributed.json).")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    res = throughput(out, args.steps) if args.what == "throughput" else failure(out, 120)
+    path = out / "distributed.json"
+    prev = json.loads(path.read_text()) if path.exists() else {}
+    prev[args.what] = res
+    path.write_text(json.dumps(prev, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
