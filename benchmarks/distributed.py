@@ -4,7 +4,7 @@
   (one thread each, fresh run directories, evaluation only at the end, outside the timed loop); steps per
   second from each run's own wall time, and the final
   held-out accuracy of both (run with ``--steps 8000`` for the learning curves: TensorBoard runs in ``--out``).
-* ``failure``: a 2-process run under ``torchrun --max-restarts 1`` whose rank 1 is killed (SIGKILL) once the first
+* ``failure``: a 2-process run under ``torchrun --max-restarts 3`` whose rank 1 is killed (SIGKILL) once the first
   checkpoint exists; torchrun restarts both workers with the same arguments (``--resume true``), which continue
   from the last checkpoint. Reports the step resumed from and whether the run then finished with an intact
   checkpoint.
@@ -78,7 +78,7 @@ def failure(out: Path, steps: int) -> dict:
     shutil.rmtree(run_dir, ignore_errors=True)
     args = ["--task", "copy", "--seq-len", "64", "--encoder", "constant", "--steps", str(steps), "--ckpt-every", "20",
             "--eval-every", "0", "--run-dir", str(run_dir), "--resume", "true", "--progress", "false"]
-    p = launch(args, 2, ["--max-restarts", "1"])
+    p = launch(args, 2, ["--max-restarts", "3"])
     ckpt = run_dir / "checkpoint.pt"
     while not ckpt.exists():
         if p.poll() is not None:
