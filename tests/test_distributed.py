@@ -69,9 +69,13 @@ def test_a_two_process_checkpoint_resumes_on_one_process(runs, tmp_path):
     assert (report["world_size"], report["steps"]) == (1, 8)
 
 
-def test_tca_trains_on_two_processes_and_agents_are_refused(tmp_path):
+def test_tca_and_the_reinforce_agent_train_on_two_processes_and_sb3_is_refused(tmp_path):
     p = train(["--decoder", "tca", "--steps", "4", "--run-dir", str(tmp_path / "tca")], 2)
     assert p.returncode == 0, p.stderr[-3000:]
     assert json.loads((tmp_path / "tca" / "results.json").read_text())["world_size"] == 2
-    p = train(["--agent", "reinforce", "--lambda-rl", "0", "--steps", "2", "--run-dir", str(tmp_path / "agent")], 2)
-    assert p.returncode != 0 and "only the fused paper step" in p.stderr
+    # the REINFORCE agent co-trains through each process's own env shard
+    p = train(["--agent", "reinforce", "--lambda-rl", "0", "--steps", "3", "--run-dir", str(tmp_path / "agent")], 2)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert json.loads((tmp_path / "agent" / "results.json").read_text())["world_size"] == 2
+    p = train(["--agent", "ppo", "--lambda-rl", "0", "--steps", "2", "--run-dir", str(tmp_path / "ppo")], 2)
+    assert p.returncode != 0 and "no distributed training" in p.stderr

@@ -69,9 +69,12 @@ class Trainer:
         # Under torchrun: this process's rank among world_size data-parallel processes (training.distributed).
         self.rank, self.world_size, self.backend = distributed.setup(cfg.device)
         if self.world_size > 1:
-            if cfg.agent != "fused":
-                raise ValueError(f"--agent {cfg.agent} under torchrun: only the fused paper step (--agent fused) "
-                                 "trains data-parallel; agents acting through the environment run in one process")
+            if cfg.agent not in ("fused", "reinforce", "random"):
+                raise ValueError(f"--agent {cfg.agent} under torchrun: Stable-Baselines3 has no distributed "
+                                 "training; run SB3 agents in one process (data-parallel: fused, reinforce, random)")
+            if cfg.agent == "reinforce" and cfg.agent_kwargs().get("shared") is False:
+                raise ValueError("a standalone REINFORCE policy (shared=false) trains with its own optimizer in one "
+                                 "process; under torchrun use the shared policy (the default)")
             if cfg.batch_size % self.world_size:
                 raise ValueError(f"--batch-size {cfg.batch_size} does not split over {self.world_size} processes; "
                                  "use a multiple of the process count")
@@ -311,9 +314,11 @@ class CoTrainer(Trainer):
         M = self.task.sample(1, torch.Generator().manual_seed(0)).M
         self.native = cfg.agent in ("reinforce", "random")
         # One round per tree batch: each predictor update sees batch_size context sets, as in the fused step.
-        self.env = TreeRetrievalVectorEnv(cfg.batch_size * M, task=self.task, predictor=self.model,
-                                          batch_size=cfg.batch_size, seed=cfg.seed, record_batches=True,
-                                          array_type="torch" if self.native else "numpy")
+        # Under torchrun each process serves its share of them from its own env, seeded by its rank.
+        per_rank = cfg.batch_size // self.world_size
+        self.env = TreeRetrievalVectorEnv(per_rank * M, task=self.task, predictor=self.model,
+                                          batch_size=per_rank, seed=cfg.seed + 1_000_003 * self.rank,
+                                          record_batches=True, array_type="torch" if self.native else "numpy")
         self.agent = cotrain_agent(make_agent(cfg.agent, self.env, **self.agent_options()))  # agents.base.Agent
         self._obs: dict[str, Any] | None = None
         self._eval_envs: dict[int, TreeRetrievalVectorEnv] = {}
@@ -373,6 +378,7 @@ class CoTrainer(Trainer):
         loss, terms = self.losses(fb)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        distributed.average_gradients(list(self.model.parameters()), self.world_size)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip)
         self.opt.step()
         self.sched.step()
