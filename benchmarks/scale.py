@@ -295,20 +295,16 @@ def plot(res: dict, path: Path) -> None:
     ca_half = [r for r in rows if r.get("ca_e2e_half_s")]
     a.loglog([r["n"] for r in ca_half], [r["ca_e2e_half_s"] for r in ca_half], "d:",
              label="ca: N/2 queries (s)")
-    a.set_xlabel("context tokens N")
-    a.set_ylabel("seconds")
-    a.set_title("time (one CPU thread)")
-    a.legend(fontsize=7)
-    a.grid(True, which="both", alpha=0.3)
     mem = [r for r in rows if r.get("build_peak_mib") is not None]
     b.loglog([r["n"] for r in mem], [r["build_peak_mib"] for r in mem], "o-", label="tca build: peak above idle")
     b.loglog([r["n"] for r in mem], [r["n"] * 4 * 64 * 4 / 2**20 for r in mem], "k:",
              label="2N rows of keys + values (float32)")
-    b.set_xlabel("context tokens N")
-    b.set_ylabel("MiB")
-    b.set_title("memory")
-    b.legend(fontsize=7)
-    b.grid(True, which="both", alpha=0.3)
+    for ax, unit, title in ((a, "seconds", "time (one CPU thread)"), (b, "MiB", "memory")):
+        ax.set_xlabel("context tokens N")
+        ax.set_ylabel(unit)
+        ax.set_title(title)
+        ax.legend(fontsize=7)
+        ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
