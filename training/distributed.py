@@ -6,14 +6,14 @@ indexed by the local rank). Without those variables everything here is a no-op a
 process, unchanged.
 
 How a step is shared (the fused paper step; the co-trainer's REINFORCE and random agents instead serve each
-rank's share of the context sets from the rank's own vector env, and average gradients the same way): every
-rank draws the *global* batch of ``--batch-size`` context sets from the same seeded generator and keeps its
-own contiguous slice of ``batch_size / N`` sets, so the data a run sees does not depend on N; each rank
-samples its searches with its own generator (seed offset by the rank); after the backward pass the gradients are averaged with one all-reduce of one flat
-buffer (an explicit all-reduce rather than DDP: the model is called through several methods, not one
-``forward``, and the step is a single backward, so DDP's bucketing would buy nothing), then clipped and
-applied identically on every rank, so the parameters stay equal. Rank 0 alone logs (statistics averaged
-over the ranks first), evaluates, checkpoints (atomically) and writes ``results.json``.
+rank's share of the context sets from the rank's own vector env, and average gradients the same way): every rank
+draws the *global* batch of ``--batch-size`` context sets from the same seeded generator and keeps its own
+contiguous slice of ``batch_size / N`` sets, so the data a run sees does not depend on N; each rank samples its
+searches with its own generator (seed offset by the rank); after the backward pass the gradients are averaged
+with one all-reduce of one flat buffer (an explicit all-reduce rather than DDP: the model is called through
+several methods, not one ``forward``, and the step is a single backward, so DDP's bucketing would buy nothing),
+then clipped and applied identically on every rank, so the parameters stay equal. Rank 0 alone logs (statistics
+averaged over the ranks first), evaluates, checkpoints (atomically) and writes ``results.json``.
 """
 
 from __future__ import annotations
