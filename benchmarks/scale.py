@@ -250,7 +250,9 @@ def markdown(res: dict) -> str:
         "# Tree Cross Attention at long contexts (recall task, one CPU thread)", "",
         f"D = 64, b = 2, no context encoder; per-query times over a batch of {QUERY_BATCH:,} queries on a built "
         "tree; ca = full cross attention (fused SDPA) over all N tokens, *italic* where fitted (linear in N). "
-        "End to end = build + M queries. Accuracy: weights trained at N <= 4,096, one context set per N.", "",
+        "End to end = build + M queries: measured for tca; for ca, its measured embedding + projection time plus "
+        "M times its per-query time. Accuracy: trained weights (see the checkpoints below), one context set per N.",
+        "",
         "| N | build (s) | build peak (MiB) | tca per query (us) | ca per query (us) | ca / tca | "
         "e2e M=1,024 tca / ca (s) | e2e M=N/2 tca / ca (s) | acc tca | acc ca | acc perceiver |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
