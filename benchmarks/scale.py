@@ -274,6 +274,8 @@ def markdown(res: dict) -> str:
                   f"{e['array_type']} arrays): **{e['query_steps_per_s']:,.0f} query-steps/s** after a "
                   f"{e['build_s']:.1f} s reset (sampling + build)."]
     lines += ["", f"Checkpoints: {res.get('checkpoints')}. Command: `{res.get('command')}`."]
+    if res.get("env_command"):
+        lines += ["", f"The env row was measured again later with `{res['env_command']}`."]
     return "\n".join(lines) + "\n"
 
 
@@ -328,6 +330,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=900, help="Seconds per worker process before it is abandoned.")
     p.add_argument("--out", default="bench_out", help="Output directory (default bench_out).")
     p.add_argument("--replot", action="store_true", help="Redraw scale.md / scale.png from scale.json.")
+    p.add_argument("--env-only", action="store_true", help="Measure only the env (with --env settings) and update "
+                   "its entry in an existing scale.json.")
     p.add_argument("--worker", nargs="*", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
@@ -347,8 +351,13 @@ def main(argv: list[str] | None = None) -> int:
 
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if args.replot:
+    if args.replot or args.env_only:
         res = json.loads((out_dir / "scale.json").read_text())
+        if args.env_only:
+            n = 2**args.env_log2
+            res["env"] = run_worker(["env", str(n), args.tca or "", "--env-rounds", str(args.env_rounds)], args.timeout)
+            res["env_command"] = "python benchmarks/scale.py " + " ".join(sys.argv[1:] if argv is None else argv)
+            print(f"  {res['env']['query_steps_per_s']:,.0f} query-steps/s", flush=True)
     else:
         res = {"tca": [], "ca": [], "perceiver": [], "env": None,
                "checkpoints": {"tca": args.tca, "ca": args.ca, "perceiver": args.perceiver},

@@ -153,8 +153,9 @@ class TreeRetrievalVectorEnv(VectorEnv):
         q = self.queries
         child, mask = q.terminal_children() if q.done else (q.child_emb, q.mask)
         depth = torch.full((self.num_envs,), q.k if q.done else q.s, dtype=torch.long, device=q.device)
-        # Fresh tensors on every call: users keep what they were given.
-        return {"query_emb": self._out(q.query_emb.clone()), "child_emb": self._out(child.contiguous().clone()),
+        # Fresh tensors on every call: users keep what they were given. The children's embeddings are gathered
+        # anew at every step and never read back by the env, so they are handed out without another copy.
+        return {"query_emb": self._out(q.query_emb.clone()), "child_emb": self._out(child.contiguous()),
                 "action_mask": self._out(mask.to(torch.int8)), "depth": self._out(depth)}
 
     def _info(self, info: dict[str, torch.Tensor]) -> dict[str, Any]:
