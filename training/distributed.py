@@ -19,9 +19,14 @@ averaged over the ranks first), evaluates, checkpoints (atomically) and writes `
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+
+#: how long a rank waits in a collective (rank 0's evaluations and checkpoints run while the others wait)
+COLLECTIVE_TIMEOUT_HOURS = 4
 
 
 def launched() -> bool:
@@ -38,7 +43,9 @@ def setup(device: str) -> tuple[int, int, str | None]:
         return 0, 1, None
     if not dist.is_initialized():
         backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend)
+        # The other ranks wait in the next all-reduce while rank 0 evaluates: allow a long evaluation (the GP
+        # paper protocol's 48,000 tasks) rather than torch's default 10-30 minute collective timeout.
+        dist.init_process_group(backend=backend, timeout=timedelta(hours=COLLECTIVE_TIMEOUT_HOURS))
     return dist.get_rank(), dist.get_world_size(), dist.get_backend()
 
 
