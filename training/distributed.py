@@ -24,7 +24,6 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-
 #: how long a rank waits in a collective (rank 0's evaluations and checkpoints run while the others wait)
 COLLECTIVE_TIMEOUT_HOURS = 4
 
