@@ -315,23 +315,19 @@ def predict(agent: Any, obs: dict[str, Any], deterministic: bool = True) -> np.n
 
 # ---------------------------------------------------------------------------------- co-training adapter
 
-class SB3Agent:
+class SB3Agent(StepwiseAgent):
     """A Stable-Baselines3 / sb3-contrib algorithm in the co-training loop (the :class:`agents.base.Agent`
-    interface). SB3 owns the loop (``learn``); at each rollout end (one rollout = one tree batch) a callback
-    updates the predictor on every finished batch and logs, and SB3's own scalars go to the trainer's
-    TensorBoard run under ``agent/...``. The algorithm is saved as its own zip beside the checkpoint."""
+    interface; nothing added to the predictor's loss, no step of its own outside ``learn``). SB3 owns the loop
+    (``learn``); at each rollout end (one rollout = one tree batch) a callback updates the predictor on every
+    finished batch and logs, and SB3's own scalars go to the trainer's TensorBoard run under ``agent/...``.
+    The algorithm is saved as its own zip beside the checkpoint."""
 
     def __init__(self, algo: BaseAlgorithm):
         self.algo = algo
 
-    def act(self, obs: dict[str, Any]) -> tuple[torch.Tensor, None]:
-        return torch.as_tensor(predict(self.algo, obs, deterministic=False)), None
-
-    def replay_loss(self, log_prob: torch.Tensor, entropy: torch.Tensor, reward: torch.Tensor) -> None:
-        return None
-
-    def update(self, rollout: Any, clip: float | None) -> dict[str, float]:
-        return {}  # SB3 learns inside ``learn``
+    def predict(self, obs: dict[str, Any], state: Any = None, episode_start: Any = None,
+                deterministic: bool = False) -> tuple[np.ndarray, None]:
+        return predict(self.algo, obs, deterministic=deterministic), None
 
     def eval_policy(self, seed: int) -> BaseAlgorithm:
         return self.algo

@@ -384,8 +384,8 @@ class TreeQueries:
         """Embeddings ``[E, b, D]`` and mask ``[E, b]`` of the children of every slot's current node."""
         tree, s = self.sub.tree, self.s
         node = self.path[..., s]  # [rows, cols]; its children are b contiguous rows of the next level
-        self.child_emb = self._slots(search.gather_children(tree.nodes[s + 1], node, self.b))  # [E, b, D]
-        self.mask = self._slots(search.gather_children(tree.node_mask[s + 1], node, self.b))  # [E, b]
+        self.child_emb = self._slots(search.gather_block(tree.nodes[s + 1], node, self.b))  # [E, b, D]
+        self.mask = self._slots(search.gather_block(tree.node_mask[s + 1], node, self.b))  # [E, b]
 
     # -------------------------------------------------------------------------------------- stepping
 

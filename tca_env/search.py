@@ -81,7 +81,7 @@ def workspace(q: torch.Tensor, rows_per_query: int) -> torch.Tensor | None:
     return q.new_empty(q.shape[0] * q.shape[1] * rows_per_query * q.shape[2] * q.shape[3])
 
 
-def _gather_block(table: torch.Tensor, parent: torch.Tensor, c: int, out: torch.Tensor | None = None) -> torch.Tensor:
+def gather_block(table: torch.Tensor, parent: torch.Tensor, c: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """Rows ``parent*c .. parent*c + c-1`` of ``table [B, R, ...]`` for ``parent [B, M]``: ``[B, M, c, ...]``.
 
     Children of a node (and slots of a bucket) are contiguous rows, so one index per query fetches
@@ -90,12 +90,6 @@ def _gather_block(table: torch.Tensor, parent: torch.Tensor, c: int, out: torch.
     B, R = table.shape[:2]
     rows = _gather_rows(table.reshape(B, R // c, -1), parent.unsqueeze(-1), out)
     return rows.view(*parent.shape, c, *table.shape[2:])
-
-
-def gather_children(table: torch.Tensor, node: torch.Tensor, b: int) -> torch.Tensor:
-    """Rows of the ``b`` children of ``node [B, M]`` in the next level's ``table [B, R, ...]``: ``[B, M, b, ...]``
-    (one index_select; the environment's observations)."""
-    return _gather_block(table, node, b)
 
 
 def child_index(shape: TreeShape, s: int, node: torch.Tensor) -> torch.Tensor:
@@ -115,12 +109,12 @@ def child_scores(kv: TreeKV, q: torch.Tensor, s: int, node: torch.Tensor,
     Returns scores ``[B, M, b, H]`` and the children's mask ``[B, M, b]`` (None: no padded child).
     """
     b = kv.shape.b
-    return _scores(q, _gather_block(kv.keys[s], node, b, ws)), _block_mask(kv.masks[s], node, b)
+    return _scores(q, gather_block(kv.keys[s], node, b, ws)), _block_mask(kv.masks[s], node, b)
 
 
 def _block_mask(mask: torch.Tensor | None, parent: torch.Tensor, c: int) -> torch.Tensor | None:
     """Mask of the c children of ``parent``; ``None`` for a level without padding (the usual case)."""
-    return None if mask is None else _gather_block(mask, parent, c)
+    return None if mask is None else gather_block(mask, parent, c)
 
 
 def _scores(q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:

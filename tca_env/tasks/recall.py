@@ -9,8 +9,8 @@ keys, so every node is a box of key space and the search has a right answer at e
 whose box holds the query (:meth:`RecallTask.target_tokens`).
 
 ``min_context_len`` makes N vary: each batch draws N log-uniformly in ``[min_context_len, context_len]``
-(one N per batch, as the GP task does), which is how the shipped recall model is trained to generalise
-from N <= 4,096 to N = 2^20.
+(one N per batch, as the GP task does); the ``cpu`` preset trains so at N <= 1,024, for evaluation at up to
+N = 2^20 (``benchmarks/scale.py``).
 """
 
 from __future__ import annotations
