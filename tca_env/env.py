@@ -254,7 +254,7 @@ class TreeQueries:
         self.rows, self.cols, self.pos = slice(0, 0), slice(0, 0), None
         self.sub: Context | None = None
         self.path = self.invalid = self.query_emb = self.child_emb = self.mask = self.policy_probs = None
-        self.sib_logits: list[torch.Tensor] = []
+        self.scores: list[torch.Tensor] = []
         self.actions = self.rewards = self.metrics = self.invalids = None  # record_batches buffers
         self.done = False
 
@@ -346,7 +346,7 @@ class TreeQueries:
         nr, nc = self.sub.q.shape[:2]
         self.s = 0
         self.path = torch.zeros(nr, nc, self.k + 1, dtype=torch.long, device=self.device)
-        self.sib_logits: list[torch.Tensor] = []  # per level, the read-out's logits of the unchosen children
+        self.scores: list[torch.Tensor] = []  # per level, the children's per-head scores (the read-out reuses them)
         self.invalid = torch.zeros(E, dtype=torch.long, device=self.device)
         self.done = False
         self.query_emb = self._slots(self.sub.query_emb)  # [E, D]
@@ -415,7 +415,7 @@ class TreeQueries:
         with evaluating(self.model):
             r = search.step(self.sub.kv, self.sub.q, self.s, self.path[..., self.s], action=self._block(action))
         self.policy_probs = self._slots(r.log_probs.exp())  # [E, b] the predictor's own attention policy
-        self.sib_logits.append(search.sibling_logits(r.scores, r.mask, r.action.unsqueeze(-1)))
+        self.scores.append(r.scores)
         self.s += 1
         self.path[..., self.s] = r.node
         info = {"invalid_action": redirected}
@@ -426,7 +426,7 @@ class TreeQueries:
         with evaluating(self.model):
             # The read-out reuses the siblings' scores of the k steps (the same numbers it would recompute).
             zero = torch.zeros(self.path.shape[:2], device=self.device)
-            descent = search.Descent(self.path, zero, zero, self.sib_logits, self.b)
+            descent = search.Descent(self.path, zero, zero, self.scores, self.b)
             out = self.model.predict_path(self.sub, self.path, descent)  # [rows, cols, out]
             y = self.sub.batch.yt
             reward = self._slots(self.model.head.reward(out, y, self.reward_kind))  # [E]

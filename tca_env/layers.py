@@ -47,9 +47,16 @@ class Attention(nn.Module):
         return (self.q(x) * self.dh**-0.5).unflatten(-1, (self.nhead, self.dh))
 
     def keys_values(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[..., D]`` -> keys and values, ``[..., H, dh]`` each."""
-        shape = (self.nhead, self.dh)
-        return self.k(x).unflatten(-1, shape), self.v(x).unflatten(-1, shape)
+        """``[..., D]`` -> keys and values, ``[..., H, dh]`` each (one matrix product for both)."""
+        kv = F.linear(x, torch.cat([self.k.weight, self.v.weight])).unflatten(-1, (2, self.nhead, self.dh))
+        return kv.select(-3, 0), kv.select(-3, 1)
+
+    def self_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries (pre-scaled), keys and values of ``x [..., D]`` attending to itself, ``[..., H, dh]`` each:
+        one matrix product for the three projections (the same weights as :meth:`queries` / :meth:`keys_values`)."""
+        w = torch.cat([self.q.weight * self.dh**-0.5, self.k.weight, self.v.weight])
+        qkv = F.linear(x, w).unflatten(-1, (3, self.nhead, self.dh))
+        return qkv.select(-3, 0), qkv.select(-3, 1), qkv.select(-3, 2)
 
     @property
     def p_drop(self) -> float:
@@ -85,9 +92,14 @@ class Attention(nn.Module):
         return out.transpose(1, 2)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """``x [G, M, D]`` attends over ``context [G, N, D]`` (``mask [G, N]``: real entries) -> ``[G, M, D]``."""
-        k, v = self.keys_values(context)
-        return self.out(self.attend(self.queries(x), k, v, mask, self.p_drop).flatten(-2))
+        """``x [G, M, D]`` attends over ``context [G, N, D]`` (``mask [G, N]``: real entries) -> ``[G, M, D]``.
+
+        ``context is x`` (self-attention) projects queries, keys and values in one product."""
+        if context is x:
+            q, k, v = self.self_qkv(x)
+        else:
+            q, (k, v) = self.queries(x), self.keys_values(context)
+        return self.out(self.attend(q, k, v, mask, self.p_drop).flatten(-2))
 
 
 class FeedForward(nn.Module):

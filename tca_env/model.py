@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import backend
 from . import search as S
 from .layers import Attention, EncoderLayer, FeedForward, embedder, position_mlp
 from .tasks.base import HEADS, ORDERINGS, REWARDS, Batch, Task
@@ -59,6 +60,10 @@ class ModelConfig:
     policy_dropout: bool = False
     """Also drop the search policy's per-head probabilities (``dropout``), as the reference implementation
     samples (off by default: see search.step)."""
+    policy_p: float | None = None
+    """Rate of that policy dropout (None: ``dropout``, as the reference). A separate rate lets a run keep the
+    reference's noisy sampling while turning dropout off elsewhere, where on a CPU it costs most: attention
+    dropout makes torch's fused attention fall back to its materialised path (3.3x slower at L = 1,024)."""
     agg_dropout: float | None = None
     """Dropout inside the tree aggregator (None: ``dropout``, as the reference)."""
     decoder: str = "tca"
@@ -90,6 +95,10 @@ class ModelConfig:
                 raise ValueError(f"unknown {name} {getattr(self, name)!r}; choose one of {allowed}")
         if self.branch < 2:
             raise ValueError(f"branch factor must be >= 2; got {self.branch}")
+        for name in ("dropout", "agg_dropout", "policy_p"):
+            v = getattr(self, name)
+            if v is not None and not 0.0 <= v < 1.0:
+                raise ValueError(f"{name} must be in [0, 1); got {v}")
         if self.fourier_octaves < 0:
             raise ValueError(f"fourier_octaves must be >= 0; got {self.fourier_octaves}")
         if self.d_model % self.nhead:
@@ -287,6 +296,8 @@ class ReTreever(nn.Module):
     # ------------------------------------------------------------------ embedding and tree building
 
     def _check(self, batch: Batch) -> None:
+        if torch.compiler.is_compiling():  # the backend's dispatch validated the batch eagerly, before the graph
+            return
         batch.validate()
         c = self.cfg
         if batch.xc.shape[-1] != c.x_dim or batch.xt.shape[-1] != c.x_dim:
@@ -383,7 +394,7 @@ class ReTreever(nn.Module):
             ctx.tree = build_tree(ctx.enc if keep_enc else self.encode_context(batch, check=False, chunk=chunk),
                                   c.branch, self.aggregator, c.ordering, batch.xc, c.coord, c.bptt, chunk)
             tok_kv = self._slot_kv(ctx) if full else None
-            ctx.kv = S.TreeKV.from_tree(ctx.tree, self.readout.keys_values, tok_kv)
+            ctx.kv = S.TreeKV.from_tree(ctx.tree, self.readout.keys_values, tok_kv, chunk)
             if lean:
                 ctx.tree = None
         return ctx
@@ -444,14 +455,32 @@ class ReTreever(nn.Module):
                 generator: torch.Generator | None = None, with_ca: bool | None = None) -> Output:
         """Predict and compute L = L_TCA + lambda_CA L_CA + lambda_RL L_RL (the plain task loss otherwise).
 
+        Runs on the backend of :mod:`tca_env.backend` (eager or ``torch.compile``).
+
         Args:
             search: ``"sample"`` (training) or ``"greedy"`` (inference) descent for TCA.
             actions: ``[B, M, k]`` replay these children instead of choosing.
+            generator: draws the sampled search's Gumbel noise (all levels at once, before the graph).
             with_ca: compute L_CA (default: in training mode when lambda_CA > 0).
         """
-        c = self.cfg
+        if search not in S.SEARCH_MODES:
+            raise ValueError(f"unknown search mode {search!r}; choose one of {S.SEARCH_MODES}")
         if with_ca is None:
-            with_ca = self.training and c.lambda_ca > 0
+            with_ca = self.training and self.cfg.lambda_ca > 0
+        noise = None
+        if self.cfg.decoder == "tca" and search == "sample" and actions is None:
+            shape = self.tree_shape(batch.N)
+            noise = S.gumbel_noise((shape.k, batch.B, batch.M, shape.b), batch.xt, generator)
+        return self._dispatch("_forward", batch, search, actions, noise, with_ca)
+
+    def _dispatch(self, name: str, batch: Batch, *args):
+        if backend.backend() != "torch":
+            self._check(batch)  # the compiled graph has no data-dependent branches: validate before it
+        return backend.call(self, name, batch, *args)
+
+    def _forward(self, batch: Batch, search: str, actions: torch.Tensor | None, noise: torch.Tensor | None,
+                 with_ca: bool) -> Output:
+        c = self.cfg
         ctx = self.prepare(batch, full=c.decoder == "ca" or (c.decoder == "tca" and with_ca))
         if c.decoder == "ca":
             out = self.predict_full(ctx)
@@ -459,8 +488,9 @@ class ReTreever(nn.Module):
         if c.decoder == "perceiver":
             return self._plain_output(self.predict_perceiver(ctx), batch)
         p_drop = self.readout.attn.p_drop
-        attn, descent = S.search_readout(ctx.kv, ctx.q, search, actions, generator, p_drop,
-                                         p_drop if c.policy_dropout else 0.0)
+        attn, descent = S.search_readout(ctx.kv, ctx.q, search, actions, None, p_drop,
+                                         (p_drop if c.policy_p is None else c.policy_p) if c.policy_dropout else 0.0,
+                                         noise)
         out = self.head(self.readout.finish(ctx.query_emb, attn))
         out_ca = self.predict_full(ctx) if with_ca else None
         loss, terms = self.tca_loss(out, batch.yt, descent.log_prob, descent.entropy, out_ca)
@@ -498,7 +528,11 @@ class ReTreever(nn.Module):
 
     @torch.no_grad()
     def predict(self, batch: Batch, chunk: int | None = None) -> torch.Tensor:
-        """Greedy inference: head output ``[B, M, out]`` with the configured decoder."""
+        """Greedy inference: head output ``[B, M, out]`` with the configured decoder (on the backend of
+        :mod:`tca_env.backend`)."""
+        return self._dispatch("_predict", batch, chunk)
+
+    def _predict(self, batch: Batch, chunk: int | None) -> torch.Tensor:
         return self._answer(self.prepare(batch, lean=True, chunk=chunk))
 
     @torch.no_grad()

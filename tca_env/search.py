@@ -27,42 +27,69 @@ from .tree import Tree, TreeShape
 SEARCH_MODES = ("greedy", "sample")
 
 
+
 @dataclass
 class TreeKV:
-    """Keys and values of every node below the root and of every token slot.
+    """Keys and values of every node below the root and of every token slot, projected once per tree.
+
+    The nodes of levels 1..k sit in one table, level by level (level l starts at row
+    ``shape.offset(l)``), so the children of a node are one aligned block of b rows and every step of the
+    search, and the read-out's whole retrieved set, is one gather from the same table.
 
     Attributes:
         shape: the tree's sizes.
-        keys / values: element ``s`` (0 <= s < k) is ``[B, b^(s+1), H, dh]``: the candidates of step s.
-        masks: element ``s`` is ``[B, b^(s+1)]``, which of those nodes are real (None: all of them).
+        node_keys / node_values: ``[B, R, H, dh]`` with R = b + ... + b^k.
+        node_mask: ``[B, R]`` which nodes are real (None: all of them, as in every tree :func:`build_tree`
+            makes: it puts at least one token under every node).
         tok_keys / tok_values: ``[B, P*b^k, H, dh]`` token slots; tok_mask ``[B, P*b^k]`` (None: no padding).
     """
 
     shape: TreeShape
-    keys: list[torch.Tensor]
-    values: list[torch.Tensor]
-    masks: list[torch.Tensor | None]
+    node_keys: torch.Tensor
+    node_values: torch.Tensor
+    node_mask: torch.Tensor | None
     tok_keys: torch.Tensor
     tok_values: torch.Tensor
     tok_mask: torch.Tensor | None
 
     @classmethod
-    def from_tree(cls, tree: Tree, project, tok_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> TreeKV:
-        """Project with ``project(x [.., D]) -> (k, v) [.., H, dh]``; ``tok_kv`` reuses token projections."""
+    def from_tree(cls, tree: Tree, project, tok_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+                  chunk: int | None = None) -> TreeKV:
+        """Project with ``project(x [.., D]) -> (k, v) [.., H, dh]``; ``tok_kv`` reuses token projections.
+
+        ``chunk``: project at most this many rows per call into preallocated tables (bounds the temporaries
+        at large N; values do not change). None: one projection of all the nodes.
+        """
         shape = tree.shape
-        kv = [project(tree.nodes[level]) for level in range(1, shape.k + 1)]
+        nodes = tree.nodes[1:]
+        if chunk is None or not nodes or nodes[0].shape[0] * shape.num_nodes <= chunk:
+            nk, nv = project(torch.cat(nodes, 1) if nodes else tree.tokens[:, :0])
+        else:
+            nk = nv = None
+            for level, x in enumerate(nodes, start=1):
+                B, n = x.shape[:2]
+                step_ = max(1, chunk // B)
+                for i in range(0, n, step_):
+                    k_, v_ = project(x[:, i:i + step_])
+                    if nk is None:
+                        nk = k_.new_empty(B, shape.num_nodes, *k_.shape[2:])
+                        nv = torch.empty_like(nk)
+                    r = shape.offset(level) + i
+                    nk[:, r:r + k_.shape[1]], nv[:, r:r + k_.shape[1]] = k_, v_
         tk, tv = project(tree.tokens) if tok_kv is None else tok_kv
-        # Padding depends only on N: levels without any (all of them when N = P * b^k) keep no mask.
-        masks = [tree.node_mask[lvl] if shape.padded(lvl) else None for lvl in range(1, shape.k + 1)]
+        # Contiguous tables: every gather views a table as blocks of rows, which must not copy it.
+        nk, nv, tk, tv = nk.contiguous(), nv.contiguous(), tk.contiguous(), tv.contiguous()
+        padded = any(shape.padded(lvl) for lvl in range(1, shape.k + 1))
+        node_mask = torch.cat(tree.node_mask[1:], 1) if padded else None
         tok_mask = None if shape.n == shape.num_slots else tree.token_mask
-        return cls(shape, [k for k, _ in kv], [v for _, v in kv], masks, tk, tv, tok_mask)
+        return cls(shape, nk, nv, node_mask, tk, tv, tok_mask)
 
 
 def _gather_rows(table: torch.Tensor, idx: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """``table [B, R, ...]``, ``idx [B, M, c]`` row indices -> ``[B, M, c, ...]`` (one flat index_select).
 
-    ``out`` is an optional flat workspace (no autograd) reused across levels: a fresh multi-MiB buffer
-    per gather costs more in page faults on a CPU than the gather itself.
+    ``out`` is an optional flat workspace (no autograd) reused across calls: a fresh multi-MiB buffer per
+    gather costs more in page faults on a CPU than the gather itself (8x at L = 1,024).
     """
     B, R = table.shape[:2]
     flat = (idx + (torch.arange(B, device=idx.device) * R).view(B, 1, 1)).reshape(-1)
@@ -75,7 +102,7 @@ def _gather_rows(table: torch.Tensor, idx: torch.Tensor, out: torch.Tensor | Non
 
 
 def workspace(q: torch.Tensor, rows_per_query: int) -> torch.Tensor | None:
-    """A flat gather buffer for ``rows_per_query`` rows of width D per query, or None under autograd."""
+    """A flat gather buffer for ``rows_per_query`` rows of width H*dh per query, or None under autograd."""
     if torch.is_grad_enabled():
         return None
     return q.new_empty(q.shape[0] * q.shape[1] * rows_per_query * q.shape[2] * q.shape[3])
@@ -85,16 +112,11 @@ def gather_block(table: torch.Tensor, parent: torch.Tensor, c: int, out: torch.T
     """Rows ``parent*c .. parent*c + c-1`` of ``table [B, R, ...]`` for ``parent [B, M]``: ``[B, M, c, ...]``.
 
     Children of a node (and slots of a bucket) are contiguous rows, so one index per query fetches
-    all of them: a single index_select of ``c``-row blocks.
+    all of them: a single index_select of ``c``-row blocks (into the workspace ``out`` when given).
     """
     B, R = table.shape[:2]
     rows = _gather_rows(table.reshape(B, R // c, -1), parent.unsqueeze(-1), out)
     return rows.view(*parent.shape, c, *table.shape[2:])
-
-
-def child_index(shape: TreeShape, s: int, node: torch.Tensor) -> torch.Tensor:
-    """Indices at level s+1 of the children of ``node [B, M]`` (level s): ``[B, M, b]``."""
-    return node.unsqueeze(-1) * shape.b + torch.arange(shape.b, device=node.device)
 
 
 def bucket_index(shape: TreeShape, leaf: torch.Tensor) -> torch.Tensor:
@@ -109,12 +131,9 @@ def child_scores(kv: TreeKV, q: torch.Tensor, s: int, node: torch.Tensor,
     Returns scores ``[B, M, b, H]`` and the children's mask ``[B, M, b]`` (None: no padded child).
     """
     b = kv.shape.b
-    return _scores(q, gather_block(kv.keys[s], node, b, ws)), _block_mask(kv.masks[s], node, b)
-
-
-def _block_mask(mask: torch.Tensor | None, parent: torch.Tensor, c: int) -> torch.Tensor | None:
-    """Mask of the c children of ``parent``; ``None`` for a level without padding (the usual case)."""
-    return None if mask is None else gather_block(mask, parent, c)
+    block = node + kv.shape.offset(s + 1) // b  # the children's block of rows in the node table
+    mask = None if kv.node_mask is None else gather_block(kv.node_mask, block, b)
+    return _scores(q, gather_block(kv.node_keys, block, b, ws)), mask
 
 
 def _scores(q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
@@ -204,13 +223,18 @@ def entropy(log_probs: torch.Tensor) -> torch.Tensor:
     return -torch.special.xlogy(p, p).sum(-1)
 
 
-def choose(log_probs: torch.Tensor, mode: str, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Greedy (argmax) or sampled (Gumbel-max, exact for the categorical) child: ``[B, M]``."""
+def choose(log_probs: torch.Tensor, mode: str, generator: torch.Generator | None = None,
+           noise: torch.Tensor | None = None) -> torch.Tensor:
+    """Greedy (argmax) or sampled (Gumbel-max, exact for the categorical) child: ``[B, M]``.
+
+    ``noise``: Gumbel samples shaped like ``log_probs`` drawn beforehand (else drawn here from ``generator``)."""
     if mode == "greedy":
         return log_probs.argmax(-1)
     if mode != "sample":
         raise ValueError(f"unknown search mode {mode!r}; choose one of {SEARCH_MODES}")
-    return (log_probs.detach() + gumbel_noise(log_probs.shape, log_probs, generator)).argmax(-1)
+    if noise is None:
+        noise = gumbel_noise(log_probs.shape, log_probs, generator)
+    return (log_probs.detach() + noise).argmax(-1)
 
 
 def gumbel_noise(shape: tuple[int, ...], like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -218,6 +242,7 @@ def gumbel_noise(shape: tuple[int, ...], like: torch.Tensor, generator: torch.Ge
     dev = generator.device if generator is not None else like.device
     u = torch.rand(shape, generator=generator, device=dev, dtype=like.dtype).to(like.device)
     return -torch.log(-torch.log(u.clamp(torch.finfo(u.dtype).tiny, 1.0)))
+
 
 
 @dataclass
@@ -234,14 +259,16 @@ class StepResult:
 
 def step(kv: TreeKV, q: torch.Tensor, s: int, node: torch.Tensor, mode: str = "greedy",
          action: torch.Tensor | None = None, generator: torch.Generator | None = None,
-         ws: torch.Tensor | None = None, policy_dropout: float = 0.0) -> StepResult:
+         policy_dropout: float = 0.0, ws: torch.Tensor | None = None,
+         noise: torch.Tensor | None = None) -> StepResult:
     """Descend one level from ``node`` (at level s) for every query; ``action`` overrides the choice.
 
-    ``ws``: optional gather workspace from :func:`workspace` (inference only).
+    The one definition of a search step: the environment calls it once per level, :func:`descend` k times.
     ``policy_dropout``: the reference implementation's sampling, off by default: dropout on each head's
     probabilities before they are averaged, so the policy sampled from (and whose log-probability is
     reinforced) is a noisy, unnormalised weighting. A node whose every child weight is dropped is sampled
-    uniformly (where the reference's sampler fails).
+    uniformly (where the reference's sampler fails). ``ws``: optional gather workspace from :func:`workspace`
+    (inference only). ``noise [B, M, b]``: Gumbel samples for a sampled choice, drawn beforehand.
     """
     if not 0 <= s < kv.shape.k:
         raise ValueError(f"step {s} out of range for a tree of depth {kv.shape.k}")
@@ -250,7 +277,7 @@ def step(kv: TreeKV, q: torch.Tensor, s: int, node: torch.Tensor, mode: str = "g
     if policy_dropout > 0:
         probs = F.dropout(probs, policy_dropout)
     logp = policy_log_probs(probs, mask)
-    a = choose(logp, mode, generator) if action is None else action
+    a = choose(logp, mode, generator, noise) if action is None else action
     return StepResult(node * kv.shape.b + a, a, logp, probs, scores, mask)
 
 
@@ -261,7 +288,7 @@ class Descent:
     path: torch.Tensor  # [B, M, k+1] node index per level
     log_prob: torch.Tensor  # [B, M] sum over levels of log pi(chosen)
     entropy: torch.Tensor  # [B, M] mean over levels of the per-head entropy averaged over heads
-    sib_logits: list[torch.Tensor]  # k x [B, M, b-1, H] read-out logits of the siblings (padding masked)
+    scores: list[torch.Tensor]  # k x [B, M, b, H] per-head scores of each level's children (the read-out reuses them)
 
     b: int  # branch factor
 
@@ -272,55 +299,65 @@ class Descent:
 
 
 def descend(kv: TreeKV, q: torch.Tensor, mode: str = "greedy", actions: torch.Tensor | None = None,
-            generator: torch.Generator | None = None, stats: bool = True, policy_dropout: float = 0.0) -> Descent:
+            generator: torch.Generator | None = None, stats: bool = True, policy_dropout: float = 0.0,
+            noise: torch.Tensor | None = None) -> Descent:
     """Run :func:`step` k times (a loop over levels only). ``actions [B, M, k]`` replays a given path.
+
+    A sampled search draws its Gumbel noise for all levels at once, ``[k, B, M, b]`` from ``generator`` (the
+    same numbers as k draws of ``[B, M, b]``, one per step), or takes ``noise`` of that shape drawn
+    beforehand: what lets ``torch.compile`` trace the search.
 
     ``stats=False`` skips the path log-probability and entropy (zeros), which greedy inference never uses.
     The entropy is averaged over levels (and, per level, over heads), as the reference's bonus is.
     """
     B, M = q.shape[:2]
     k = kv.shape.k
-    path = torch.zeros(B, M, k + 1, dtype=torch.long, device=q.device)
-    sib_logits = []
-    log_prob = q.new_zeros(B, M)
-    ent = q.new_zeros(B, M)
+    nodes = [torch.zeros(B, M, dtype=torch.long, device=q.device)]
+    scores, logps, probs = [], [], []
     ws = workspace(q, kv.shape.b)
+    if mode == "sample" and actions is None and noise is None:
+        noise = gumbel_noise((k, B, M, kv.shape.b), q, generator)
     for s in range(k):
-        r = step(kv, q, s, path[..., s], mode, None if actions is None else actions[..., s], generator, ws,
-                 policy_dropout)
+        r = step(kv, q, s, nodes[-1], mode, None if actions is None else actions[..., s], generator, policy_dropout,
+                 ws, None if noise is None else noise[s])
+        nodes.append(r.node)
+        scores.append(r.scores)
         if stats:
-            log_prob = log_prob + r.log_probs.gather(-1, r.action.unsqueeze(-1)).squeeze(-1)
-            ent = ent + head_entropy(r.probs)
-        path[..., s + 1] = r.node
-        sib_logits.append(sibling_logits(r.scores, r.mask, r.action.unsqueeze(-1)))
-    if k > 0:
-        ent = ent / k
-    return Descent(path, log_prob, ent, sib_logits, kv.shape.b)
+            logps.append(r.log_probs)
+            probs.append(r.probs)
+    path = torch.stack(nodes, -1)  # [B, M, k+1]
+    if stats and k > 0:  # once for all levels: [B, M, k, b] and [B, M, k, b, H]
+        acts = path[..., 1:] - kv.shape.b * path[..., :-1]
+        log_prob = torch.stack(logps, 2).gather(-1, acts.unsqueeze(-1)).squeeze(-1).sum(-1)
+        p = torch.stack(probs, 2)
+        ent = -(p * (p + 1e-9).log()).sum(3).mean((-2, -1))  # head_entropy averaged over levels
+    else:
+        log_prob = ent = q.new_zeros(B, M)
+    return Descent(path, log_prob, ent, scores, kv.shape.b)
 
 
 def sibling_positions(action: torch.Tensor, b: int) -> torch.Tensor:
-    """Child positions ``[B, M, b-1]`` of the siblings not taken by ``action [B, M, 1]``, in order."""
+    """Child positions ``[..., b-1]`` of the siblings not taken by ``action [..., 1]``, in order."""
     others = torch.arange(b - 1, device=action.device)
     return others + (others >= action)
 
 
-def _step_action(path: torch.Tensor, b: int, s: int) -> torch.Tensor:
-    """``[B, M, 1]`` the child taken at step s of ``path [B, M, k+1]``."""
-    return path[..., s + 1:s + 2] - b * path[..., s:s + 1]
+def _sibling_rows(shape: TreeShape, path: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For ``path [B, M, k+1]``: the child positions ``[B, M, k, b-1]`` of the siblings passed over at each
+    level, and their rows ``[B, M, k*(b-1)]`` in the node table of :class:`TreeKV` (level by level)."""
+    b, k = shape.b, shape.k
+    parent = path[..., :-1]  # [B, M, k]
+    pos = sibling_positions((path[..., 1:] - b * parent).unsqueeze(-1), b)  # [B, M, k, b-1]
+    first = torch.tensor([shape.offset(s + 1) for s in range(k)], device=path.device)  # [k]
+    rows = ((parent * b + first).unsqueeze(-1) + pos).flatten(2)
+    return pos, rows
 
 
-def sibling_logits(scores: torch.Tensor, mask: torch.Tensor | None, action: torch.Tensor) -> torch.Tensor:
-    """The read-out's logits of a level's unselected children (what :func:`readout` reuses from a search):
-    keep the per-head scores ``[B, M, b, H]`` of the b-1 unselected children: ``[B, M, b-1, H]``.
-
-    Padded siblings get a finite large negative logit (weight exactly 0 after the softmax).
-    """
-    b, H = scores.shape[2], scores.shape[3]
-    pos = sibling_positions(action, b)  # [B, M, b-1]
-    sib = scores.gather(2, pos.unsqueeze(-1).expand(*pos.shape, H))
-    if mask is None:
-        return sib
-    return sib.masked_fill(~mask.gather(2, pos).unsqueeze(-1), masked_fill_value(scores.dtype))
+def sibling_logits(scores: list[torch.Tensor], pos: torch.Tensor) -> torch.Tensor:
+    """The read-out's logits of the unselected children, reused from the search: per-level scores
+    ``k x [B, M, b, H]`` and sibling positions ``[B, M, k, b-1]`` -> ``[B, M, k*(b-1), H]``."""
+    sc = torch.stack(scores, 2)  # [B, M, k, b, H]
+    return sc.gather(3, pos.unsqueeze(-1).expand(*pos.shape, sc.shape[-1])).flatten(2, 3)
 
 
 @dataclass
@@ -346,13 +383,14 @@ class RetrievedSet:
 
 
 def retrieved_set(tree: Tree, path: torch.Tensor) -> RetrievedSet:
-    """The retrieved set of each query's ``path [B, M, k+1]``."""
+    """The retrieved set of each query's ``path [B, M, k+1]`` (for inspection and tests; a loop over levels)."""
     shape = tree.shape
     b, k = shape.b, shape.k
     dev = path.device
     levels, idx, mask = [], [], []
     for s in range(k):
-        sib = path[..., s:s + 1] * b + sibling_positions(_step_action(path, b, s), b)  # [B, M, b-1]
+        act = path[..., s + 1:s + 2] - b * path[..., s:s + 1]
+        sib = path[..., s:s + 1] * b + sibling_positions(act, b)  # [B, M, b-1]
         levels.append(torch.full((b - 1,), s + 1, device=dev))
         idx.append(sib)
         mask.append(_gather_rows(tree.node_mask[s + 1], sib))
@@ -370,63 +408,79 @@ def readout(kv: TreeKV, q: torch.Tensor, path: torch.Tensor, descent: Descent | 
     ``dropout``: probability of dropping each attention weight over S (training; never the policy's).
 
     The siblings' logits come from ``descent`` when given (the scores the policy already computed);
-    otherwise they are recomputed from ``path``. Values are gathered one slot of S at a time and
-    accumulated, so memory stays O(B*M*D) rather than O(B*M*|S|*D).
+    otherwise they are recomputed from ``path``. The values of all of S are fetched in two gathers (the
+    siblings from the node table, the leaf's P slots from the token table): the op count does not grow
+    with P, b or N.
     """
     shape = kv.shape
     b, k = shape.b, shape.k
-    ws = workspace(q, 1)
-    if descent is not None and len(descent.sib_logits) == k:
-        logits = list(descent.sib_logits)
-    else:
-        logits = []
-        for s in range(k):
-            sc, cm = child_scores(kv, q, s, path[..., s])
-            logits.append(sibling_logits(sc, cm, _step_action(path, b, s)))
     leaf = path[..., k]  # [B, M]
-    tok = bucket_index(shape, leaf)  # [B, M, P]
-    # One slot at a time, so the workspace holds a single row per query.
-    tok_scores = torch.cat([_scores(q, _gather_rows(kv.tok_keys, tok[..., j:j + 1], ws))
-                            for j in range(shape.P)], dim=2)  # [B, M, P, H]
-    tok_mask = _block_mask(kv.tok_mask, leaf, shape.P)  # [B, M, P]
+    n = (b - 1) * k
+    ws = workspace(q, max(shape.P, n))  # reused by each gather in turn (inference)
+    tok_scores = _scores(q, gather_block(kv.tok_keys, leaf, shape.P, ws))  # [B, M, P, H]
+    tok_mask = None if kv.tok_mask is None else gather_block(kv.tok_mask, leaf, shape.P)  # [B, M, P]
     if tok_mask is not None:
         tok_scores = tok_scores.masked_fill(~tok_mask.unsqueeze(-1), masked_fill_value(q.dtype))
-    logits.append(tok_scores)
-    attn = _softmax(torch.cat(logits, dim=2))  # [B, M, |S|, H]
+    if k == 0:
+        logits, sib_rows = tok_scores, None
+    else:
+        pos, sib_rows = _sibling_rows(shape, path)
+        scores = descent.scores if descent is not None and len(descent.scores) == k else \
+            [child_scores(kv, q, s, path[..., s])[0] for s in range(k)]
+        sib = sibling_logits(scores, pos)  # [B, M, k*(b-1), H]
+        if kv.node_mask is not None:
+            sib = sib.masked_fill(~_gather_rows(kv.node_mask, sib_rows).unsqueeze(-1), masked_fill_value(q.dtype))
+        logits = torch.cat([sib, tok_scores], 2)
+    attn = _softmax(logits)  # [B, M, |S|, H]
     if dropout > 0:
         attn = F.dropout(attn, dropout)
-    attn = attn.unsqueeze(-1)  # [B, M, |S|, H, 1]
-    del logits, tok_scores
-    n = (b - 1) * k
-    # Accumulate one slot of S at a time with an in-place multiply-add (autograd-safe: addcmul's
-    # backward needs only its factors), so no [B, M, |S|, H, dh] tensor ever exists.
-    out = torch.zeros_like(q)  # [B, M, H, dh]
-    for j in range(shape.P):
-        out.addcmul_(attn[:, :, n + j], _gather_rows(kv.tok_values, tok[..., j:j + 1], ws).squeeze(2))
-    for s in range(k):
-        sib = path[..., s:s + 1] * b + sibling_positions(_step_action(path, b, s), b)  # [B, M, b-1]
-        for j in range(b - 1):
-            v = _gather_rows(kv.values[s], sib[..., j:j + 1], ws).squeeze(2)  # [B, M, H, dh]
-            out.addcmul_(attn[:, :, s * (b - 1) + j], v)
+    out = _weighted(attn[:, :, n:], gather_block(kv.tok_values, leaf, shape.P, ws))
+    if sib_rows is not None:
+        out = out + _weighted(attn[:, :, :n], _gather_rows(kv.node_values, sib_rows, ws))
     return out
 
 
+def _weighted(w: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``sum_s w[.., s, h] v[.., s, h, :]``: weights ``[B, M, S, H]``, freshly gathered values ``[B, M, S, H, dh]``
+    (multiplied in place without autograd)."""
+    if torch.is_grad_enabled():
+        return (w.unsqueeze(-1) * v).sum(2)
+    return v.mul_(w.unsqueeze(-1)).sum(2)
+
+
+#: queries per call of :func:`greedy_readout` (bounds the gathered ``[queries, |S|, H, dh]`` values)
+greedy_chunk = 16384
+
+
 def greedy_readout(kv: TreeKV, q: torch.Tensor, with_path: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Greedy inference in one call: the read-out ``[B, M, H, dh]`` over each query's greedy S (and its path)."""
-    d = descend(kv, q, "greedy", stats=False)
-    return readout(kv, q, d.path, d), d.path if with_path else None
+    """Greedy inference: the read-out ``[B, M, H, dh]`` over each query's greedy S (and its path).
+
+    Queries go through in chunks of about :data:`greedy_chunk` (the values of S gathered at once are
+    ``|S|`` rows per query); chunking changes no value.
+    """
+    B, M = q.shape[:2]
+    cols = max(1, greedy_chunk // B)
+    if M <= cols:
+        d = descend(kv, q, "greedy", stats=False)
+        return readout(kv, q, d.path, d), d.path if with_path else None
+    outs, paths = [], []
+    for m0 in range(0, M, cols):
+        o, p = greedy_readout(kv, q[:, m0:m0 + cols], with_path)
+        outs.append(o)
+        paths.append(p)
+    return torch.cat(outs, 1), torch.cat(paths, 1) if with_path else None
 
 
 def search_readout(kv: TreeKV, q: torch.Tensor, mode: str = "sample", actions: torch.Tensor | None = None,
                    generator: torch.Generator | None = None, dropout: float = 0.0,
-                   policy_dropout: float = 0.0) -> tuple[torch.Tensor, Descent]:
+                   policy_dropout: float = 0.0, noise: torch.Tensor | None = None) -> tuple[torch.Tensor, Descent]:
     """:func:`descend` then :func:`readout`, differentiable (the fused trainer's forward).
 
     Returns the read-out ``[B, M, H, dh]`` and the :class:`Descent`.
     """
     if mode not in SEARCH_MODES:
         raise ValueError(f"unknown search mode {mode!r}; choose one of {SEARCH_MODES}")
-    d = descend(kv, q, mode, actions, generator, policy_dropout=policy_dropout)
+    d = descend(kv, q, mode, actions, generator, policy_dropout=policy_dropout, noise=noise)
     return readout(kv, q, d.path, d, dropout), d
 
 

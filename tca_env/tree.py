@@ -54,9 +54,20 @@ def _layout(n: int, b: int) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
         counts.append((c // b + (j < c % b)).flatten())  # the extra tokens go to the leftmost children
     leaf = counts[-1]
     start = torch.cumsum(leaf, 0) - leaf  # first ordered token of each bucket
-    bucket = torch.repeat_interleave(torch.arange(leaf.numel()), leaf)  # [N]
+    bucket = _owner(leaf, n)  # [N]
     slots = bucket * P + torch.arange(n) - start[bucket]
     return tuple(counts), slots
+
+
+def _layout_of(n: int, b: int) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    # torch.compile traces the function under the cache (the layout is a constant of the graph, keyed by n, b)
+    return _layout.__wrapped__(n, b) if torch.compiler.is_compiling() else _layout(n, b)
+
+
+def _owner(counts: torch.Tensor, n: int) -> torch.Tensor:
+    """Which of consecutive groups of sizes ``counts`` (summing to n) each of n items falls in: ``[n]``.
+    (``repeat_interleave(arange, counts)`` with a static output shape, so torch.compile traces it.)"""
+    return torch.searchsorted(torch.cumsum(counts, 0), torch.arange(n, device=counts.device), right=True)
 
 
 @dataclass(frozen=True)
@@ -82,9 +93,19 @@ class TreeShape:
     def retrieved_size(self) -> int:
         return (self.b - 1) * self.k + self.P
 
+    @property
+    def num_nodes(self) -> int:
+        """Nodes below the root: ``b + b^2 + ... + b^k`` (the rows of a level-by-level node table)."""
+        return self.offset(self.k + 1)
+
+    def offset(self, level: int) -> int:
+        """First row of ``level`` (1..k) in a table of the nodes of levels 1..k, level by level:
+        ``b + ... + b^(level-1)``. A multiple of b, so a node's b children are one aligned block of rows."""
+        return (self.b**level - self.b) // (self.b - 1)
+
     def counts(self, level: int) -> torch.Tensor:
         """Real tokens under each node of ``level`` (0 = root, k = leaf buckets): ``[b^level]``."""
-        return _layout(self.n, self.b)[0][level]
+        return _layout_of(self.n, self.b)[0][level]
 
     def padded(self, level: int) -> bool:
         """Whether ``level`` (0..k nodes, k+1 the token slots) has padded entries (a function of N alone)."""
@@ -96,7 +117,7 @@ class TreeShape:
 
     def slot_index(self, device: torch.device | str = "cpu") -> torch.Tensor:
         """Padded slot of the t-th ordered token: ``[N]`` long."""
-        return _layout(self.n, self.b)[1].to(device)
+        return _layout_of(self.n, self.b)[1].to(device)
 
     def slot_mask(self, device: torch.device | str = "cpu") -> torch.Tensor:
         """Which of the ``P * b^k`` slots hold a real token: ``[P * b^k]`` bool."""
@@ -147,8 +168,7 @@ def order_tokens(coords: torch.Tensor | None, n: int, b: int, ordering: str, coo
     codes = [_order_code(coords[..., c]) for c in range(min(dx, shape.k))]  # [B, N] int64 each, < 2^32
     perm = torch.arange(n, device=coords.device).expand(B, n)
     for level in range(shape.k):
-        node_of = torch.repeat_interleave(torch.arange(b**level, device=coords.device),
-                                          shape.counts(level).to(coords.device))  # [N]
+        node_of = _owner(shape.counts(level).to(coords.device), n)  # [N]
         key = (node_of << 32) + codes[level % dx].gather(1, perm)  # [B, N], < 2^bits
         bits = 32 + (b**level - 1).bit_length()
         if B << bits < 2**63:  # one flat sort (2-3x faster than a row-wise one): rows as high bits
