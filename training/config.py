@@ -100,6 +100,9 @@ class TrainConfig:
                           "refusing to write there.")
     seed: int = opt(0, "Seed of parameters, training batches and sampled searches.")
     device: str = opt("cpu", "Torch device (cpu, cuda, cuda:1, mps, ...).")
+    backend: str | None = opt(None, "How the model runs: torch (eager) or compile (torch.compile, one graph for "
+                              "the training forward and one for greedy inference; pays for fixed-size batches). "
+                              "Default: $TCA_BACKEND, else torch.", ("torch", "compile"))
     threads: int = opt(1, "torch.set_num_threads for CPU training (1 is fastest for these small ops).")
     progress: bool = opt(True, "Show a progress bar.")
 

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from agents.base import Rollout, play_episodes
 from agents.sb3 import cotrain_agent, make_agent
 from agents.sb3 import predict as sb3_predict
+from tca_env import backend as model_backend
 from tca_env.checkpoint import load_predictor
 from tca_env.env import FinishedBatch
 from tca_env.model import ModelConfig, ReTreever
@@ -66,6 +67,8 @@ class Trainer:
         if cfg.agent != "fused" and type(self) is Trainer:
             raise ValueError(f"--agent {cfg.agent} trains through the environment: use CoTrainer (make_trainer)")
         torch.set_num_threads(cfg.threads)
+        if cfg.backend is not None:
+            model_backend.set_backend(cfg.backend)
         # Under torchrun: this process's rank among world_size data-parallel processes (training.distributed).
         self.rank, self.world_size, self.backend = distributed.setup(cfg.device)
         if self.world_size > 1:
@@ -211,6 +214,8 @@ class Trainer:
             self.claim_run_dir()
         distributed.barrier()  # nobody starts before rank 0 has claimed the run dir
         self.writer = make_writer(self.run_dir) if self.is_main else _NoWriter()
+        if self.is_main:  # the run's first log line: what runs the model
+            print(f"{model_backend.describe()}; device {self.device}; {self.world_size} process(es)", flush=True)
         desc = f"{cfg.task}/{cfg.decoder}" + ("" if cfg.agent == "fused" else f"/{cfg.agent}")
         if self.world_size > 1:
             desc += f" x{self.world_size}"
@@ -223,6 +228,7 @@ class Trainer:
         wall = time.perf_counter() - t0
         report = {"task": cfg.task, "decoder": cfg.decoder, "agent": cfg.agent, "steps": self.step,
                   "batch_size": cfg.batch_size, "world_size": self.world_size, "backend": self.backend,
+                  "model_backend": model_backend.backend(),
                   "wall_time_s": wall, "eval": {}, "tokens": self.retrieved_tokens(),
                   "max_context": self.task.max_context, "train_config": asdict(cfg),
                   "model_config": asdict(self.model.cfg)}
