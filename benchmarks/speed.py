@@ -9,6 +9,11 @@ see LIVE_ENV).
 
     python benchmarks/speed.py                       # all, writes bench_out/speed.{json,md}
     python benchmarks/speed.py --lengths 256 --repeats 5
+    python benchmarks/speed.py --backends torch compile --lengths 256 1024   # eager and torch.compile side by side
+
+``--backends``: each backend's rows are labelled ``decoder`` (torch, eager) or ``decoder/compile`` and their
+ratios are to ca on the same backend; a compiled worker warms up (compiles) before it is timed, and its
+memory is not measured (compilation's own memory would dominate).
 
 Timings are medians; compare ratios within one run (the machine is noisy). Nothing here asserts.
 Also draws speed.png (time and memory against L); ``--replot`` redraws it from speed.json.
@@ -69,7 +74,9 @@ def worker(decoder: str, seq_len: int, what: str, batch: int, iters: int, thread
             opt.zero_grad()
             o.loss.backward()
             opt.step()
-    fn()  # warm-up
+    fn()  # warm-up (and, on the compile backend, compilation: a second call settles any recompile)
+    if os.environ.get("TCA_BACKEND") == "compile":
+        fn()
     times = []
     for _ in range(iters):
         t = time.perf_counter()
@@ -85,10 +92,10 @@ returned to the OS when freed, so the peak RSS is the peak of live tensors rathe
 fragmentation (which varies run to run with thread scheduling). Applied identically to every decoder."""
 
 
-def run(decoder, seq_len, what, args, extra_env=None) -> dict:
+def run(decoder, seq_len, what, args, extra_env=None, backend="torch") -> dict:
     cmd = [sys.executable, __file__, "--worker", decoder, str(seq_len), what, "--batch", str(args.batch),
            "--iters", str(args.iters), "--threads", str(args.threads)]
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), **(extra_env or {})}
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TCA_BACKEND": backend, **(extra_env or {})}
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if res.returncode:
         raise RuntimeError(f"{decoder} L={seq_len} {what} failed:\n{res.stderr}")
@@ -103,8 +110,9 @@ def table(results: dict) -> str:
     head = [c for _, c in COLUMNS] + [f"{key} / ca" for key, _ in COLUMNS]
     lines = ["| L | decoder | " + " | ".join(head) + " |", "|" + "---|" * (len(head) + 2)]
     for L, per in results.items():
-        ca = per.get("ca", {})
+        ca_of = {dec.split("/")[1] if "/" in dec else "": r for dec, r in per.items() if dec.split("/")[0] == "ca"}
         for dec, r in per.items():
+            ca = ca_of.get(dec.split("/")[1] if "/" in dec else "", {})
             cells = [str(L), dec]
             cells += ["-" if r.get(key) is None else f"{r[key]:.1f}" for key, _ in COLUMNS]
             cells += ["-" if r.get(key) is None or not ca.get(key) else f"{r[key] / ca[key]:.2f}x"
@@ -123,7 +131,8 @@ def plot(results: dict, path: Path, title: str = "") -> None:
     panels = [("infer", "greedy inference (ms)"), ("train", "training step (ms)"), ("memory", "peak memory (MiB)")]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     for ax, (key, label) in zip(axes, panels, strict=True):
-        for dec in DECODERS:
+        labels = sorted({dec for per in results.values() for dec in per})
+        for dec in labels:
             pts = [(int(L), per[dec][key]) for L, per in results.items() if per.get(dec, {}).get(key) is not None]
             if pts:
                 ax.plot(*zip(*sorted(pts), strict=True), marker="o", label=dec)
@@ -148,6 +157,8 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=5, help="Timed iterations per process (median is reported).")
     p.add_argument("--repeats", type=int, default=3, help="Fresh processes per measurement (median of medians).")
     p.add_argument("--train-max-len", type=int, default=1024, help="Skip training-step timing above this L.")
+    p.add_argument("--backends", nargs="+", default=["torch"], choices=["torch", "compile"],
+                   help="Model backends to time side by side (tca_env.backend; default: eager only).")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: robust on a shared 2-core machine).")
     p.add_argument("--out", default="bench_out", help="Directory for speed.json and speed.md.")
     p.add_argument("--replot", action="store_true", help="Only redraw speed.png from the speed.json in --out.")
@@ -161,25 +172,28 @@ def main() -> None:
         dec, L, what = args.worker
         print(json.dumps(worker(dec, int(L), what, args.batch, args.iters, args.threads)))
         return
-    results: dict = {L: {dec: {} for dec in args.decoders} for L in args.lengths}
+    label = {(dec, be): dec if be == "torch" else f"{dec}/{be}" for dec in args.decoders for be in args.backends}
+    results: dict = {L: {label[k]: {} for k in label} for L in args.lengths}
     for L in args.lengths:
         whats = ["infer", "memory", "memory_live"] + (["train"] if L <= args.train_max_len else [])
         for what in whats:
-            runs: dict = {dec: [] for dec in args.decoders}
+            keys = [k for k in label if not (what.startswith("memory") and k[1] != "torch")]
+            runs: dict = {k: [] for k in keys}
             for _ in range(args.repeats):  # interleave decoders so drifting load hits all of them alike
-                for dec in args.decoders:
+                for dec, be in keys:
                     if what.startswith("memory"):
                         r = run(dec, L, "memory", args, LIVE_ENV if what == "memory_live" else None)
-                        runs[dec].append(r["peak_mib"])
+                        runs[dec, be].append(r["peak_mib"])
                     else:
-                        runs[dec].append(run(dec, L, what, args)["ms"])
-            for dec in args.decoders:
-                results[L][dec][what] = statistics.median(runs[dec])
-                results[L][dec][f"{what}_runs"] = runs[dec]
-            print(f"L={L} {what}: " + ", ".join(f"{d}={results[L][d][what]:.1f}" for d in args.decoders), flush=True)
+                        runs[dec, be].append(run(dec, L, what, args, backend=be)["ms"])
+            for k in keys:
+                results[L][label[k]][what] = statistics.median(runs[k])
+                results[L][label[k]][f"{what}_runs"] = runs[k]
+            print(f"L={L} {what}: " + ", ".join(f"{label[k]}={results[L][label[k]][what]:.1f}" for k in keys),
+                  flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"batch": args.batch, "threads": args.threads, "iters": args.iters, "repeats": args.repeats,
+    meta = {"batch": args.batch, "threads": args.threads, "backends": args.backends, "iters": args.iters, "repeats": args.repeats,
             "model": "copy task, D=64, 4 heads, ff 128, emb depth 4, no encoder, b=2"}
     (out / "speed.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     (out / "speed.md").write_text(table(results) + "\n")

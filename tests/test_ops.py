@@ -36,14 +36,14 @@ def test_op_count_grows_by_a_constant_per_level():
     counts = [ops(2 ** (j + 2))[1]["all"] for j in range(3, 7)]  # N = 2^j context tokens: k = j - 1
     steps = {b - a for a, b in zip(counts, counts[1:])}
     assert len(steps) == 1, counts  # the same ops per level at every depth: nothing scales with N
-    assert steps.pop() < 220  # one aggregator layer and one search step (measured 200 with torch 2.13)
+    assert steps.pop() < 240  # an aggregator layer, a search step, a level of the read-out (218 with torch 2.13)
 
 
 def test_greedy_predict_at_4096_tokens_stays_under_its_measured_ceiling():
     """A regression guard on the counts benchmarks/ops.py reports (batch 4, b = 2, the copy model at L = 4,096:
-    2,627 ATen events, 791 of them compute ops, with torch 2.13)."""
+    2,791 ATen events, 839 of them compute ops, with torch 2.13)."""
     task = make_task("copy", seq_len=4096)
     torch.manual_seed(0)
     model = ReTreever(ModelConfig.for_task(task, encoder="constant"))
     c = count(model, task.sample(4, torch.Generator().manual_seed(0)), "predict")
-    assert c["compute"] <= 850 and c["all"] <= 2800, c
+    assert c["compute"] <= 900 and c["all"] <= 3000, c
