@@ -43,7 +43,7 @@ def peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def worker(decoder: str, seq_len: int, what: str, batch: int, iters: int, threads: int) -> dict:
+def worker(decoder: str, seq_len: int, what: str, batch: int, iters: int, threads: int, device: str = "cpu") -> dict:
     import torch
 
     torch.set_num_threads(threads)
@@ -52,9 +52,20 @@ def worker(decoder: str, seq_len: int, what: str, batch: int, iters: int, thread
 
     task = make_task("copy", seq_len=seq_len)
     torch.manual_seed(0)
-    model = ReTreever(ModelConfig.for_task(task, decoder=decoder, encoder="constant", dropout=0.1))
-    data = task.sample(batch, torch.Generator().manual_seed(0))
-    out: dict = {"decoder": decoder, "seq_len": seq_len, "what": what}
+    model = ReTreever(ModelConfig.for_task(task, decoder=decoder, encoder="constant", dropout=0.1)).to(device)
+    data = task.sample(batch, torch.Generator().manual_seed(0)).to(device)
+    out: dict = {"decoder": decoder, "seq_len": seq_len, "what": what, "device": device}
+    cuda = torch.device(device).type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    if what == "memory" and cuda:  # device memory: the allocator's peak above what the model and batch hold
+        model.eval()
+        sync()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        model.predict(data)
+        sync()
+        out.update(peak_mib=(torch.cuda.max_memory_allocated() - before) / 2**20)
+        return out
     if what == "memory":
         model.eval()
         before, peak_before = rss_mib(), peak_mib()
@@ -79,8 +90,10 @@ def worker(decoder: str, seq_len: int, what: str, batch: int, iters: int, thread
         fn()
     times = []
     for _ in range(iters):
+        sync()
         t = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - t)
     out.update(ms=1000 * statistics.median(times), all_ms=[1000 * t for t in times])
     return out
@@ -94,7 +107,7 @@ fragmentation (which varies run to run with thread scheduling). Applied identica
 
 def run(decoder, seq_len, what, args, extra_env=None, backend="torch") -> dict:
     cmd = [sys.executable, __file__, "--worker", decoder, str(seq_len), what, "--batch", str(args.batch),
-           "--iters", str(args.iters), "--threads", str(args.threads)]
+           "--iters", str(args.iters), "--threads", str(args.threads), "--device", args.device]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TCA_BACKEND": backend, **(extra_env or {})}
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if res.returncode:
@@ -157,6 +170,8 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=5, help="Timed iterations per process (median is reported).")
     p.add_argument("--repeats", type=int, default=3, help="Fresh processes per measurement (median of medians).")
     p.add_argument("--train-max-len", type=int, default=1024, help="Skip training-step timing above this L.")
+    p.add_argument("--device", default="cpu", help="Torch device (cuda: times synchronise the device; memory is the "
+                   "CUDA allocator's peak, and the 'live' column repeats it).")
     p.add_argument("--backends", nargs="+", default=["torch"], choices=["torch", "compile"],
                    help="Model backends to time side by side (tca_env.backend; default: eager only).")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: robust on a shared 2-core machine).")
@@ -170,7 +185,7 @@ def main() -> None:
         return
     if args.worker:
         dec, L, what = args.worker
-        print(json.dumps(worker(dec, int(L), what, args.batch, args.iters, args.threads)))
+        print(json.dumps(worker(dec, int(L), what, args.batch, args.iters, args.threads, args.device)))
         return
     label = {(dec, be): dec if be == "torch" else f"{dec}/{be}" for dec in args.decoders for be in args.backends}
     results: dict = {L: {label[k]: {} for k in label} for L in args.lengths}
@@ -193,7 +208,8 @@ def main() -> None:
                   flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"batch": args.batch, "threads": args.threads, "backends": args.backends, "iters": args.iters, "repeats": args.repeats,
+    meta = {"batch": args.batch, "threads": args.threads, "backends": args.backends, "device": args.device,
+            "iters": args.iters, "repeats": args.repeats,
             "model": "copy task, D=64, 4 heads, ff 128, emb depth 4, no encoder, b=2"}
     (out / "speed.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     (out / "speed.md").write_text(table(results) + "\n")

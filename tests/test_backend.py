@@ -90,5 +90,5 @@ def test_compiled_backend_gives_the_eager_numbers_and_greedy_paths():
     comp_train.loss.backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert len(grads) == len(eager_grads) > 10
-    for g, e in zip(grads, eager_grads):
+    for g, e in zip(grads, eager_grads, strict=True):
         torch.testing.assert_close(g, e, rtol=1e-3, atol=1e-5)
