@@ -47,9 +47,11 @@ class Attention(nn.Module):
         return (self.q(x) * self.dh**-0.5).unflatten(-1, (self.nhead, self.dh))
 
     def keys_values(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[..., D]`` -> keys and values, ``[..., H, dh]`` each (one matrix product for both)."""
-        kv = F.linear(x, torch.cat([self.k.weight, self.v.weight])).unflatten(-1, (2, self.nhead, self.dh))
-        return kv.select(-3, 0), kv.select(-3, 1)
+        """``[..., D]`` -> keys and values, ``[..., H, dh]`` each. Two products rather than one fused one: the
+        tree's key and value tables are gathered from row by row and must be contiguous, and a fused
+        product's halves would need a copy each (at 2^20 tokens, 1 GiB)."""
+        shape = (self.nhead, self.dh)
+        return self.k(x).unflatten(-1, shape), self.v(x).unflatten(-1, shape)
 
     def self_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Queries (pre-scaled), keys and values of ``x [..., D]`` attending to itself, ``[..., H, dh]`` each:

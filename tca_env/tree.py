@@ -66,8 +66,8 @@ def _layout_of(n: int, b: int) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
 
 def _owner(counts: torch.Tensor, n: int) -> torch.Tensor:
     """Which of consecutive groups of sizes ``counts`` (summing to n) each of n items falls in: ``[n]``.
-    (``repeat_interleave(arange, counts)`` with a static output shape, so torch.compile traces it.)"""
-    return torch.searchsorted(torch.cumsum(counts, 0), torch.arange(n, device=counts.device), right=True)
+    (The output size is given, so the shape is static and torch.compile traces it.)"""
+    return torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts, output_size=n)
 
 
 @dataclass(frozen=True)
