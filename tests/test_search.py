@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from tca_env import backend
 from tca_env import search as S
 from tca_env.model import ModelConfig, ReTreever
 from tca_env.tasks import Batch
@@ -160,13 +161,21 @@ def test_model_rl_loss_is_reinforce_with_reward():
     torch.testing.assert_close(terms["reward"], reward.mean())
 
 
-@pytest.mark.parametrize("n,b", [(23, 3), (40, 2), (64, 2), (17, 4)])
-def test_inference_fast_path_equals_autograd_path(n, b):
+@pytest.mark.parametrize("n,b,be", [(23, 3, "torch"), (40, 2, "torch"), (64, 2, "torch"), (17, 4, "torch"),
+                                    (23, 3, "compile")])
+def test_inference_fast_path_equals_autograd_path(n, b, be):
     """predict() (in-place gathers into a workspace, no path statistics, lean context) gives the same
-    output as the autograd forward on the same greedy paths, with and without padded levels."""
+    output as the autograd forward on the same greedy paths, with and without padded levels, on each
+    backend (the compiled one where a C++ compiler exists)."""
+    if be == "compile" and not backend.compile_available():
+        pytest.skip("torch.compile needs a C++ compiler")
     model, batch = small_model(n=n, b=b)
-    fast = model.predict(batch)
-    slow = model(batch, search="greedy", with_ca=False)
+    backend.set_backend(be)
+    try:
+        fast = model.predict(batch)
+        slow = model(batch, search="greedy", with_ca=False)
+    finally:
+        backend.set_backend(None)
     assert slow.out.requires_grad
     torch.testing.assert_close(fast, slow.out.detach(), rtol=1e-5, atol=1e-6)
 
