@@ -77,25 +77,28 @@ def run_id(env_id: str, args: argparse.Namespace) -> dict[str, Any]:
         oracle = None
     if oracle is not None:  # the oracle acts on the env it reads, so it is scored on that one
         score("correct leaf (oracle)", oracle, env=oracle_env)
-    if varying_queries(probe):
-        print(f"[leaderboard] {env_id}: the number of queries varies per batch; the lockstep vector env the agents "
-              "train on needs a fixed one, so only the reference policies are scored", flush=True)
-    else:
-        for name in TRAINED if args.agents is None else args.agents:
-            torch.manual_seed(args.seed)
-            env = gym.make_vec(env_id, num_envs=args.envs, vectorization_mode="vector_entry_point", seed=args.seed)
-            t0 = time.perf_counter()
-            if name == "reinforce":
-                agent = train_reinforce(env, args.steps, args.seed)
-            else:
-                agent = make_agent(name, SB3VecEnv(env), seed=args.seed)
-                agent.learn(total_timesteps=args.steps)
-            score(name, agent, time.perf_counter() - t0, f"{args.steps:,} env steps, {args.envs} envs")
+    # Agents train on the lockstep vector env, which needs the same number of queries in every batch; where the
+    # id's task varies it (GP: M ~ U{3..49-N}), they train with M fixed at --train-queries (a size option: the
+    # same predictor; each query is its own episode, so only how often each N comes up shifts: N is uniform
+    # over 3..46 per episode instead of weighted towards small N) and are scored on the id itself.
+    train_options = {"num_target": args.train_queries} if varying_queries(probe) else {}
+    trained_on = f", M = {args.train_queries}" if train_options else ""
+    for name in TRAINED if args.agents is None else args.agents:
         torch.manual_seed(args.seed)
+        env = gym.make_vec(env_id, num_envs=args.envs, vectorization_mode="vector_entry_point", seed=args.seed,
+                           task_options=train_options or None)
         t0 = time.perf_counter()
-        stock = PPO("MultiInputPolicy", gym.make(env_id), seed=args.seed, verbose=0)
-        stock.learn(total_timesteps=args.stock_steps)
-        score("PPO (stock SB3, 1 env)", stock, time.perf_counter() - t0, f"{args.stock_steps:,} env steps, defaults")
+        if name == "reinforce":
+            agent = train_reinforce(env, args.steps, args.seed)
+        else:
+            agent = make_agent(name, SB3VecEnv(env), seed=args.seed)
+            agent.learn(total_timesteps=args.steps)
+        score(name, agent, time.perf_counter() - t0, f"{args.steps:,} env steps, {args.envs} envs{trained_on}")
+    torch.manual_seed(args.seed)  # stock PPO: one env (it serves any number of queries per set), the id itself
+    t0 = time.perf_counter()
+    stock = PPO("MultiInputPolicy", gym.make(env_id), seed=args.seed, verbose=0)
+    stock.learn(total_timesteps=args.stock_steps)
+    score("PPO (stock SB3, 1 env)", stock, time.perf_counter() - t0, f"{args.stock_steps:,} env steps, defaults")
     lo, hi = rows["random"]["reward"], rows["predictor (greedy)"]["reward"]
     for r in rows.values():
         r["normalised"] = (r["reward"] - lo) / (hi - lo) if hi != lo else float("nan")
@@ -128,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=50_000, help="Env steps per trained agent.")
     p.add_argument("--stock-steps", type=int, default=50_000, help="Env steps of stock PPO.")
     p.add_argument("--envs", type=int, default=256, help="Vector envs the agents train on.")
+    p.add_argument("--train-queries", type=int, default=3,
+                   help="Queries per context set the agents train with where the id's task varies them (GP: M is "
+                        "at most 49 - N, so 3 is the largest M every N allows).")
     p.add_argument("--episodes", type=int, default=10_000, help="Evaluation episodes per policy.")
     p.add_argument("--eval-envs", type=int, default=1000, help="Vector envs of the evaluation.")
     p.add_argument("--eval-seed", type=int, default=0, help="Seed of the evaluation episodes.")

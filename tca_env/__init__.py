@@ -23,7 +23,9 @@ DEFAULT_PREDICTOR = "pretrained:copy-easy"
 
 def _register() -> None:
     ids = [(env_id, {"predictor": DEFAULT_PREDICTOR}) for env_id in ENV_IDS]
-    ids += [(env_id, {"predictor": f"pretrained:{name}"}) for env_id, name in BENCHMARK_IDS.items()]
+    ids += [(env_id, {"predictor": f"pretrained:{name}",
+                      **({"task_options": opts} if (opts := _pretrained.ENV_TASK_OPTIONS.get(env_id)) else {})})
+            for env_id, name in BENCHMARK_IDS.items()]
     for env_id, kwargs in ids:
         if env_id not in registry:  # re-imports and reloads must not re-register (Gymnasium warns)
             register(id=env_id, entry_point="tca_env.env:TreeRetrievalEnv",

@@ -30,6 +30,12 @@ ENV_IDS: dict[str, str] = {
     "TreeRetrieval-Copy-Easy-v0": "copy-easy",
     "TreeRetrieval-Copy-Medium-v0": "copy-medium",
     "TreeRetrieval-GP-v0": "gp",
+    "TreeRetrieval-Recall-v0": "recall",
+}
+
+#: the task sizes an id fixes where its predictor was trained on a range (a task's size options only)
+ENV_TASK_OPTIONS: dict[str, dict[str, Any]] = {
+    "TreeRetrieval-Recall-v0": {"context_len": 1024, "num_queries": 64},  # 1,024 pairs: episodes of 9 steps
 }
 
 

@@ -81,3 +81,24 @@ def test_a_predictor_brings_its_task_and_a_contradiction_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="query_positions"):
         gym.make("TreeRetrieval-v0", predictor=ckpt, task_options={"query_positions": "own"})
 
+
+
+def test_recall_id_fixes_the_size_its_predictor_was_trained_around():
+    """The recall predictor trained on N in [8, 1,024]; its id is the fixed problem N = 1,024, 64 queries: one
+    episode descends log2(1,024 / 2) = 9 levels (leaf buckets of 2 slots)."""
+    env = gym.make("TreeRetrieval-Recall-v0")
+    task = env.unwrapped.task
+    assert (task.context_len, task.min_context_len, task.num_queries) == (1024, None, 64)
+    env.reset(seed=0)
+    steps, done = 0, False
+    while not done:
+        _, _, term, trunc, _ = env.step(0)
+        steps, done = steps + 1, term or trunc
+    assert steps == 9
+
+
+def test_gp_sizes_may_change_but_not_the_kernel():
+    env = gym.make("TreeRetrieval-GP-v0", task_options={"num_context": 20, "num_target": 3})
+    assert (env.unwrapped.task.num_context, env.unwrapped.task.num_target) == (20, 3)
+    with pytest.raises(ValueError, match="kernel"):
+        gym.make("TreeRetrieval-GP-v0", task_options={"kernel": "matern52"})

@@ -139,6 +139,9 @@ class GPTask(Task):
     ordering = "coord"
     reward = "ll"
     sequential = False
+    # Fixing N or M (within the trained ranges) changes how many points a sample has, not the problem: a
+    # trained predictor runs with them (e.g. a fixed M for the lockstep vector env agents train on).
+    size_options = ("num_context", "num_target")
 
     def __init__(self, kernel: str = "rbf", num_context: int | None = None, num_target: int | None = None,
                  min_points: int = 3, max_context: int = 46, max_total: int = 49,
