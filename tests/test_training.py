@@ -61,6 +61,33 @@ def test_resume_refuses_a_different_model(tmp_path):
         Trainer(tiny(tmp_path, steps=1, d_model=32, resume=True))
 
 
+def test_init_from_takes_the_weights_of_a_shorter_task_and_nothing_else(tmp_path):
+    """A curriculum: weights trained at L = 16 start a run at L = 32 (the model config differs only in
+    max_context); the new run's optimiser and step start afresh, and its first step moves from those weights."""
+    short = Trainer(tiny(tmp_path / "short", steps=3))
+    short.fit()
+    longer = Trainer(tiny(tmp_path / "long", steps=2, seq_len=32, dropout=0.1, init_from=str(short.ckpt_path)))
+    assert longer.model.cfg.max_context == 2 * short.model.cfg.max_context
+    ps, pl = params(short), params(longer)
+    assert all(torch.equal(ps[k], pl[k]) for k in ps)
+    assert longer.step == 0 and not longer.opt.state
+    fresh = Trainer(tiny(tmp_path / "fresh", steps=2, seq_len=32, dropout=0.1))
+    assert not all(torch.equal(ps[k], params(fresh)[k]) for k in ps)
+    longer.fit()
+    assert not all(torch.equal(ps[k], params(longer)[k]) for k in ps)
+
+
+def test_init_from_refuses_another_model(tmp_path):
+    t = Trainer(tiny(tmp_path / "a", steps=1))
+    t.save()
+    with pytest.raises(ValueError, match="init-from.*d_model"):
+        Trainer(tiny(tmp_path / "b", steps=1, d_model=32, init_from=str(t.ckpt_path)))
+    p = Trainer(tiny(tmp_path / "p", steps=1, decoder="perceiver"))
+    p.save()
+    with pytest.raises(ValueError, match="do not fit"):  # its latents follow max_context
+        Trainer(tiny(tmp_path / "q", steps=1, decoder="perceiver", seq_len=64, init_from=str(p.ckpt_path)))
+
+
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     t = Trainer(tiny(tmp_path, steps=1))
     path = t.save()

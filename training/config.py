@@ -96,6 +96,10 @@ class TrainConfig:
     run_dir: str | None = opt(None, "Directory for TensorBoard events, checkpoints and the final report "
                               "(default: runs/<task>-<decoder>-<agent>[-<preset>]).")
     resume: bool = opt(False, "Resume from run_dir/checkpoint.pt if it exists (the run's configuration must match).")
+    init_from: str | None = opt(None, "Start from the model weights of this checkpoint (fine-tuning, or a curriculum "
+                                "such as copy at L = 256 before L = 1,024); the optimiser, rate schedule, step count "
+                                "and data start afresh. The model config must match it apart from the task's size "
+                                "(max_context), dropout and the loss settings. A resumed run continues from its own checkpoint instead.")
     overwrite: bool = opt(False, "Replace the run in run_dir (its checkpoint, events and report) instead of "
                           "refusing to write there.")
     seed: int = opt(0, "Seed of parameters, training batches and sampled searches.")

@@ -99,6 +99,8 @@ class Trainer:
         self.eval_sets = {split: self.task.eval_batches(cfg.eval_size, cfg.eval_batch, cfg.eval_seed, self.device,
                                                         split=split)
                           for split in self.task.eval_splits}
+        if cfg.init_from:  # a resume (here or in a subclass) then replaces these weights with the run's own
+            self.init_weights(cfg.init_from)
         if load and cfg.resume and self.ckpt_path.exists():
             self.load(self.ckpt_path)
 
@@ -183,6 +185,24 @@ class Trainer:
     def save(self, path: Path | None = None) -> Path:
         path = path or self.ckpt_path
         return ckpt_io.save_atomic(self.state(), path) if self.is_main else path
+
+    #: model-config fields an --init-from run may change: the task's size and how training regularises and
+    #: rewards, none of which changes what the weights mean
+    INIT_FREE = frozenset({"max_context", "dropout", "policy_dropout", "policy_p", "agg_dropout", "lambda_ca",
+                           "lambda_rl", "reward", "rl_baseline", "entropy_coef"})
+
+    def init_weights(self, path: str | Path) -> None:
+        """The model weights of another run's checkpoint (``--init-from``); nothing else of that run."""
+        ckpt = ckpt_io.load(path, self.device)
+        then = asdict(ModelConfig(**ckpt["model_config"]))
+        now = asdict(self.model.cfg)
+        diff = {k: (v, then.get(k)) for k, v in now.items() if k not in self.INIT_FREE and then.get(k) != v}
+        if diff:
+            raise ValueError(f"--init-from {path}: its model config differs from this run's (now, then): {diff}")
+        try:
+            self.model.load_state_dict(ckpt["model"])
+        except RuntimeError as e:  # e.g. Perceiver IO's latents, whose number follows max_context
+            raise ValueError(f"--init-from {path}: its weights do not fit this run's model: {e}") from None
 
     def load(self, path: Path) -> dict[str, Any]:
         ckpt = ckpt_io.load(path, self.device)
