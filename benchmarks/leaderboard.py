@@ -85,8 +85,11 @@ def run_id(env_id: str, args: argparse.Namespace) -> dict[str, Any]:
     trained_on = f", M = {args.train_queries}" if train_options else ""
     for name in TRAINED if args.agents is None else args.agents:
         torch.manual_seed(args.seed)
+        # task_options only where sizes change: passing it replaces the id's own (the recall id's N = 1,024)
+        sizes = {"task_options": {**gym.spec(env_id).kwargs.get("task_options", {}), **train_options}} \
+            if train_options else {}
         env = gym.make_vec(env_id, num_envs=args.envs, vectorization_mode="vector_entry_point", seed=args.seed,
-                           task_options=train_options or None)
+                           **sizes)
         t0 = time.perf_counter()
         if name == "reinforce":
             agent = train_reinforce(env, args.steps, args.seed)
