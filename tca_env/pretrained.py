@@ -35,7 +35,7 @@ ENV_IDS: dict[str, str] = {
 
 #: the task sizes an id fixes where its predictor was trained on a range (a task's size options only)
 ENV_TASK_OPTIONS: dict[str, dict[str, Any]] = {
-    "TreeRetrieval-Recall-v0": {"context_len": 1024, "num_queries": 64},  # 1,024 pairs: episodes of 9 steps
+    "TreeRetrieval-Recall-v0": {"context_len": 512, "num_queries": 64},  # 512 pairs: episodes of 8 steps
 }
 
 
