@@ -10,6 +10,8 @@
   checkpoint.
 
     python benchmarks/distributed.py throughput --steps 300
+    python benchmarks/distributed.py throughput --steps 8000 --decoder ca --eval-every 1000 \
+        --out results/distributed/curves     # learning curves of 1 and 2 processes
     python benchmarks/distributed.py failure
 
 Nothing here asserts; it prints and writes ``distributed.json`` to ``--out``.
@@ -36,13 +38,14 @@ def launch(args: list[str], procs: int, extra: list[str] | None = None) -> subpr
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
 
 
-def throughput(out: Path, steps: int) -> dict:
+def throughput(out: Path, steps: int, decoder: str = "tca", eval_every: int = 0) -> dict:
     res = {}
     for procs in (1, 2):
-        run_dir = out / f"copy256-p{procs}"
+        run_dir = out / f"copy256-{decoder}-p{procs}"
         shutil.rmtree(run_dir, ignore_errors=True)
-        args = ["--task", "copy", "--preset", "cpu", "--steps", str(steps), "--eval-every", "0",
-                "--ckpt-every", str(steps), "--run-dir", str(run_dir), "--progress", "false"]
+        args = ["--task", "copy", "--preset", "cpu", "--decoder", decoder, "--steps", str(steps),
+                "--eval-every", str(eval_every), "--ckpt-every", str(steps), "--run-dir", str(run_dir),
+                "--progress", "false"]
         p = launch(args, procs)
         log, _ = p.communicate()
         if p.returncode != 0:
@@ -104,11 +107,15 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=("throughput", "failure"), help="Which measurement.")
     p.add_argument("--steps", type=int, default=300, help="Training steps per run (throughput; failure uses 120).")
+    p.add_argument("--decoder", default="tca", choices=("tca", "ca", "perceiver"), help="Decoder (throughput).")
+    p.add_argument("--eval-every", type=int, default=0,
+                   help="Held-out evaluations during the runs, for learning curves (throughput; 0: only at the end, "
+                        "outside the timed loop; evaluations inside it slow both runs alike).")
     p.add_argument("--out", default="bench_out/distributed", help="Output directory (run dirs and distributed.json).")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    res = throughput(out, args.steps) if args.what == "throughput" else failure(out, 120)
+    res = throughput(out, args.steps, args.decoder, args.eval_every) if args.what == "throughput" else failure(out, 120)
     path = out / "distributed.json"
     prev = json.loads(path.read_text()) if path.exists() else {}
     prev[args.what] = res
