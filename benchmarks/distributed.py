@@ -57,7 +57,38 @@ def throughput(out: Path, steps: int, decoder: str = "tca", eval_every: int = 0)
               flush=True)
     res["speedup"] = res[2]["steps_per_s"] / res[1]["steps_per_s"]
     print(f"speed-up with 2 processes: {res['speedup']:.2f}x")
+    if eval_every:
+        res["curves"] = {procs: curve(out / f"copy256-{decoder}-p{procs}") for procs in (1, 2)}
+        plot_curves(res["curves"], decoder, out / "curves.png")
     return res
+
+
+def curve(run_dir: Path) -> dict[int, float]:
+    """Held-out accuracy by step from a run's TensorBoard events."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    ea.Reload()
+    return {s.step: s.value for s in ea.Scalars("eval/test/accuracy")}
+
+
+def plot_curves(curves: dict[int, dict[int, float]], decoder: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for procs, points in curves.items():
+        steps = sorted(points)
+        ax.plot(steps, [100 * points[s] for s in steps], marker="o", label=f"{procs} process(es)")
+    ax.set(xlabel="step (global batch of 16)", ylabel="held-out accuracy (%)",
+           title=f"copy L = 256, {decoder}: 1 vs 2 processes")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def children(pid: int) -> list[int]:
