@@ -58,18 +58,12 @@ def throughput(out: Path, steps: int, decoder: str = "tca", eval_every: int = 0)
     res["speedup"] = res[2]["steps_per_s"] / res[1]["steps_per_s"]
     print(f"speed-up with 2 processes: {res['speedup']:.2f}x")
     if eval_every:
-        res["curves"] = {procs: curve(out / f"copy256-{decoder}-p{procs}") for procs in (1, 2)}
+        from fidelity import scalars  # benchmarks/fidelity.py: a run's TensorBoard scalar over all its event files
+
+        res["curves"] = {procs: dict(scalars(out / f"copy256-{decoder}-p{procs}", "eval/test/accuracy"))
+                         for procs in (1, 2)}
         plot_curves(res["curves"], decoder, out / "curves.png")
     return res
-
-
-def curve(run_dir: Path) -> dict[int, float]:
-    """Held-out accuracy by step from a run's TensorBoard events."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    ea = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
-    ea.Reload()
-    return {s.step: s.value for s in ea.Scalars("eval/test/accuracy")}
 
 
 def plot_curves(curves: dict[int, dict[int, float]], decoder: str, path: Path) -> None:

@@ -83,11 +83,11 @@ def run_id(env_id: str, args: argparse.Namespace) -> dict[str, Any]:
     # over 3..46 per episode instead of weighted towards small N) and are scored on the id itself.
     train_options = {"num_target": args.train_queries} if varying_queries(probe) else {}
     trained_on = f", M = {args.train_queries}" if train_options else ""
+    # task_options only where sizes change, added to the id's own: passing it replaces the registered ones
+    sizes = {"task_options": {**gym.spec(env_id).kwargs.get("task_options", {}), **train_options}} \
+        if train_options else {}
     for name in TRAINED if args.agents is None else args.agents:
         torch.manual_seed(args.seed)
-        # task_options only where sizes change: passing it replaces the id's own (the recall id's N = 1,024)
-        sizes = {"task_options": {**gym.spec(env_id).kwargs.get("task_options", {}), **train_options}} \
-            if train_options else {}
         env = gym.make_vec(env_id, num_envs=args.envs, vectorization_mode="vector_entry_point", seed=args.seed,
                            **sizes)
         t0 = time.perf_counter()

@@ -186,6 +186,12 @@ class Trainer:
         path = path or self.ckpt_path
         return ckpt_io.save_atomic(self.state(), path) if self.is_main else path
 
+    def _model_config_diff(self, ckpt: dict[str, Any], ignore: frozenset[str] = frozenset()) -> dict[str, tuple]:
+        """``{field: (now, then)}`` where this model's config differs from a checkpoint's (fields added since
+        the checkpoint was written take their defaults), ``ignore`` left out."""
+        then = asdict(ModelConfig(**ckpt["model_config"]))
+        return {k: (v, then.get(k)) for k, v in asdict(self.model.cfg).items() if k not in ignore and then.get(k) != v}
+
     #: model-config fields an --init-from run may change: the task's size and how training regularises and
     #: rewards, none of which changes what the weights mean
     INIT_FREE = frozenset({"max_context", "dropout", "policy_dropout", "policy_p", "agg_dropout", "lambda_ca",
@@ -194,9 +200,7 @@ class Trainer:
     def init_weights(self, path: str | Path) -> None:
         """The model weights of another run's checkpoint (``--init-from``); nothing else of that run."""
         ckpt = ckpt_io.load(path, self.device)
-        then = asdict(ModelConfig(**ckpt["model_config"]))
-        now = asdict(self.model.cfg)
-        diff = {k: (v, then.get(k)) for k, v in now.items() if k not in self.INIT_FREE and then.get(k) != v}
+        diff = self._model_config_diff(ckpt, ignore=self.INIT_FREE)
         if diff:
             raise ValueError(f"--init-from {path}: its model config differs from this run's (now, then): {diff}")
         try:
@@ -213,9 +217,8 @@ class Trainer:
             raise ValueError(f"checkpoint {path} belongs to a run with another configuration (now, then): {diff}; "
                              "pass --overwrite true to replace it or choose another --run-dir")
         # Fields added since the checkpoint was written take their defaults (they default to the old behaviour).
-        then_model = asdict(ModelConfig(**ckpt["model_config"]))
-        if then_model != asdict(self.model.cfg):
-            diff = {k: (v, then_model.get(k)) for k, v in asdict(self.model.cfg).items() if then_model.get(k) != v}
+        diff = self._model_config_diff(ckpt)
+        if diff:
             raise ValueError(f"checkpoint {path} was trained with another model config (now, then): {diff}")
         self.model.load_state_dict(ckpt["model"])
         self.opt.load_state_dict(ckpt["optimizer"])
