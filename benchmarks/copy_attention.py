@@ -17,19 +17,16 @@ from pathlib import Path
 
 import torch
 
-from tca_env.model import ModelConfig, ReTreever
+from tca_env.checkpoint import load_predictor, task_of
 from tca_env.tasks import make_task
 
 
 def analyse(ckpt: str, sequences: int = 64, block: int = 32, seed: int = 123) -> dict:
-    state = torch.load(ckpt, map_location="cpu", weights_only=True)
-    cfg = ModelConfig(**state["model_config"])
-    train = state.get("train_config", {})
-    model = ReTreever(cfg)
-    model.load_state_dict(state["model"])
-    model.eval()
-    task = make_task("copy", seq_len=2 * cfg.max_context,
-                     query_positions=train.get("query_positions", "after"))
+    model, state = load_predictor(ckpt)
+    name, options = task_of(state)
+    if name != "copy":
+        raise ValueError(f"{ckpt} was trained on the {name!r} task, not copy")
+    task = make_task(name, **options)
     batch = task.sample(sequences, torch.Generator().manual_seed(seed))
     n = task.n
     if n % block:

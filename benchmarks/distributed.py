@@ -44,9 +44,9 @@ def throughput(out: Path, steps: int, decoder: str = "tca", eval_every: int = 0,
     """1 and 2 processes alternately, ``repeats`` times; the speed-up is the median of the per-pair ratios (a
     pair runs back to back, so a slow spell of the shared machine hits both sides of a ratio alike)."""
     res: dict = {"batch_size": batch_size, "runs": {1: [], 2: []}}
+    run_dirs = {procs: out / f"copy256-{decoder}-p{procs}" for procs in (1, 2)}  # each repeat replaces the last
     for _ in range(repeats):
-        for procs in (1, 2):
-            run_dir = out / f"copy256-{decoder}-p{procs}"
+        for procs, run_dir in run_dirs.items():
             shutil.rmtree(run_dir, ignore_errors=True)
             args = ["--task", "copy", "--preset", "cpu", "--decoder", decoder, "--steps", str(steps),
                     "--batch-size", str(batch_size), "--eval-every", str(eval_every), "--ckpt-every", str(steps),
@@ -61,8 +61,6 @@ def throughput(out: Path, steps: int, decoder: str = "tca", eval_every: int = 0,
             res["runs"][procs].append(run)
             print(f"batch {batch_size}, {procs} process(es): {run['steps_per_s']:.2f} steps/s, "
                   f"accuracy {run['accuracy']:.4f}", flush=True)
-    for procs in (1, 2):  # the last run of each (the one whose run directory is kept)
-        res[procs] = res["runs"][procs][-1]
     ratios = [b["steps_per_s"] / a["steps_per_s"] for a, b in zip(res["runs"][1], res["runs"][2], strict=True)]
     res["speedups"] = ratios
     res["speedup"] = statistics.median(ratios)
@@ -71,8 +69,7 @@ def throughput(out: Path, steps: int, decoder: str = "tca", eval_every: int = 0,
     if eval_every:
         from fidelity import scalars  # benchmarks/fidelity.py: a run's TensorBoard scalar over all its event files
 
-        res["curves"] = {procs: dict(scalars(out / f"copy256-{decoder}-p{procs}", "eval/test/accuracy"))
-                         for procs in (1, 2)}
+        res["curves"] = {procs: dict(scalars(run_dir, "eval/test/accuracy")) for procs, run_dir in run_dirs.items()}
         plot_curves(res["curves"], decoder, batch_size, out / "curves.png")
     return res
 
