@@ -39,14 +39,28 @@ def launch(args: list[str], procs: int, extra: list[str] | None = None) -> subpr
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
 
 
+def run_report(run_dir: Path, steps: int) -> dict:
+    report = json.loads((run_dir / "results.json").read_text())
+    return {"steps_per_s": steps / report["wall_time_s"], "wall_time_s": report["wall_time_s"],
+            "accuracy": report["eval"]["test/accuracy"], "world_size": report["world_size"]}
+
+
 def throughput(out: Path, steps: int, decoder: str = "tca", eval_every: int = 0, batch_size: int = 16,
-               repeats: int = 1) -> dict:
+               repeats: int = 1, procs_to_run: tuple[int, ...] = (1, 2)) -> dict:
     """1 and 2 processes alternately, ``repeats`` times; the speed-up is the median of the per-pair ratios (a
-    pair runs back to back, so a slow spell of the shared machine hits both sides of a ratio alike)."""
+    pair runs back to back, so a slow spell of the shared machine hits both sides of a ratio alike).
+    ``procs_to_run`` = (1,) or (2,) runs one side only and reads the other side's finished run from its run
+    directory (long learning curves: the 1-process run can share the machine, the 2-process one cannot)."""
     res: dict = {"batch_size": batch_size, "runs": {1: [], 2: []}}
     run_dirs = {procs: out / f"copy256-{decoder}-p{procs}" for procs in (1, 2)}  # each repeat replaces the last
+    for procs, run_dir in run_dirs.items():
+        if procs not in procs_to_run:
+            if (run_dir / "results.json").exists():  # the other side, run earlier (no speed-up if absent)
+                res["runs"][procs] = [run_report(run_dir, steps)] * repeats
     for _ in range(repeats):
         for procs, run_dir in run_dirs.items():
+            if procs not in procs_to_run:
+                continue
             shutil.rmtree(run_dir, ignore_errors=True)
             args = ["--task", "copy", "--preset", "cpu", "--decoder", decoder, "--steps", str(steps),
                     "--batch-size", str(batch_size), "--eval-every", str(eval_every), "--ckpt-every", str(steps),
@@ -55,21 +69,21 @@ def throughput(out: Path, steps: int, decoder: str = "tca", eval_every: int = 0,
             log, _ = p.communicate()
             if p.returncode != 0:
                 raise SystemExit(f"{procs}-process run failed:\n{log[-3000:]}")
-            report = json.loads((run_dir / "results.json").read_text())
-            run = {"steps_per_s": steps / report["wall_time_s"], "wall_time_s": report["wall_time_s"],
-                   "accuracy": report["eval"]["test/accuracy"], "world_size": report["world_size"]}
+            run = run_report(run_dir, steps)
             res["runs"][procs].append(run)
             print(f"batch {batch_size}, {procs} process(es): {run['steps_per_s']:.2f} steps/s, "
                   f"accuracy {run['accuracy']:.4f}", flush=True)
-    ratios = [b["steps_per_s"] / a["steps_per_s"] for a, b in zip(res["runs"][1], res["runs"][2], strict=True)]
-    res["speedups"] = ratios
-    res["speedup"] = statistics.median(ratios)
-    print(f"speed-up with 2 processes (batch {batch_size}): median {res['speedup']:.2f}x of "
-          f"{', '.join(f'{r:.2f}' for r in ratios)}")
+    if res["runs"][1] and res["runs"][2]:
+        ratios = [b["steps_per_s"] / a["steps_per_s"] for a, b in zip(res["runs"][1], res["runs"][2], strict=True)]
+        res["speedups"] = ratios
+        res["speedup"] = statistics.median(ratios)
+        print(f"speed-up with 2 processes (batch {batch_size}): median {res['speedup']:.2f}x of "
+              f"{', '.join(f'{r:.2f}' for r in ratios)}")
     if eval_every:
         from fidelity import scalars  # benchmarks/fidelity.py: a run's TensorBoard scalar over all its event files
 
-        res["curves"] = {procs: dict(scalars(run_dir, "eval/test/accuracy")) for procs, run_dir in run_dirs.items()}
+        res["curves"] = {procs: dict(scalars(run_dir, "eval/test/accuracy")) for procs, run_dir in run_dirs.items()
+                         if (run_dir / "results.json").exists()}
         plot_curves(res["curves"], decoder, batch_size, out / "curves.png")
     return res
 
@@ -149,12 +163,17 @@ def main(argv: list[str] | None = None) -> int:
                         "preset's, 128 the paper's.")
     p.add_argument("--repeats", type=int, default=1,
                    help="Pairs of 1- and 2-process runs (throughput); the speed-up is the median of their ratios.")
+    p.add_argument("--procs", type=int, nargs="+", default=[1, 2], choices=(1, 2),
+                   help="Which sides to run (throughput): `--procs 1` alone runs the 1-process run (it may share the "
+                        "machine with other work), a later `--procs 2` runs the 2-process one and reads the first "
+                        "from its run directory. Default both, back to back.")
     p.add_argument("--out", default="bench_out/distributed", help="Output directory (run dirs and distributed.json).")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.what == "throughput":
-        res = throughput(out, args.steps, args.decoder, args.eval_every, args.batch_size, args.repeats)
+        res = throughput(out, args.steps, args.decoder, args.eval_every, args.batch_size, args.repeats,
+                         tuple(args.procs))
     else:
         res = failure(out, 120)
     path = out / "distributed.json"
