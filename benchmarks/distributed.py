@@ -39,9 +39,9 @@ def launch(args: list[str], procs: int, extra: list[str] | None = None) -> subpr
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
 
 
-def run_report(run_dir: Path, steps: int) -> dict:
+def run_report(run_dir: Path) -> dict:
     report = json.loads((run_dir / "results.json").read_text())
-    return {"steps_per_s": steps / report["wall_time_s"], "wall_time_s": report["wall_time_s"],
+    return {"steps_per_s": report["steps"] / report["wall_time_s"], "wall_time_s": report["wall_time_s"],
             "accuracy": report["eval"]["test/accuracy"], "world_size": report["world_size"]}
 
 
@@ -56,7 +56,7 @@ def throughput(out: Path, steps: int, decoder: str = "tca", eval_every: int = 0,
     for procs, run_dir in run_dirs.items():
         if procs not in procs_to_run:
             if (run_dir / "results.json").exists():  # the other side, run earlier (no speed-up if absent)
-                res["runs"][procs] = [run_report(run_dir, steps)] * repeats
+                res["runs"][procs] = [run_report(run_dir)] * repeats
     for _ in range(repeats):
         for procs, run_dir in run_dirs.items():
             if procs not in procs_to_run:
@@ -69,7 +69,7 @@ def throughput(out: Path, steps: int, decoder: str = "tca", eval_every: int = 0,
             log, _ = p.communicate()
             if p.returncode != 0:
                 raise SystemExit(f"{procs}-process run failed:\n{log[-3000:]}")
-            run = run_report(run_dir, steps)
+            run = run_report(run_dir)
             res["runs"][procs].append(run)
             print(f"batch {batch_size}, {procs} process(es): {run['steps_per_s']:.2f} steps/s, "
                   f"accuracy {run['accuracy']:.4f}", flush=True)
