@@ -5,6 +5,10 @@ Query j of the copy task must read context token L/2 - 1 - j. A model whose posi
 converged attends elsewhere for whole blocks of queries; this script shows where. It reads the attention of
 the full cross attention over all context tokens (the "ca" decoder, or a tca model's L_CA branch).
 
+For a tca model it also follows the greedy search: how often the leaf it reaches holds the right token,
+at which level a wrong path first leaves the right token's ancestors, and the accuracy of the queries
+whose leaf is right and of those whose leaf is wrong (the read-out can still be right through a node).
+
     python benchmarks/copy_attention.py results/copy/saved/copy1024-ca-nodrop/checkpoint.pt
     python benchmarks/copy_attention.py CKPT --sequences 64 --block 32 --json out.json
 """
@@ -17,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from tca_env import search as S
 from tca_env.checkpoint import load_predictor, task_of
 from tca_env.tasks import make_task
 
@@ -52,7 +57,33 @@ def analyse(ckpt: str, sequences: int = 64, block: int = 32, seed: int = 123) ->
         top = counts.argsort(descending=True)[:8]
         res["wrong_offsets"].append({"head": h, "share_on_target": (o == 0).float().mean().item(),
                                      "top": [[int(vals[i]), int(counts[i])] for i in top]})
+    if model.cfg.decoder == "tca":
+        res["search"] = search_analysis(ctx, target, correct, block)
     return res
+
+
+def search_analysis(ctx, target: torch.Tensor, correct: torch.Tensor, block: int) -> dict:
+    """Where the greedy search of every query goes against the leaf that holds its right token."""
+    tree, shape = ctx.tree, ctx.tree.shape
+    with torch.no_grad():
+        _, path = S.greedy_readout(ctx.kv, ctx.q, with_path=True)  # [B, M, k+1] node per level
+    B, M, _ = path.shape
+    # The slot of each query's right token, then the leaf bucket holding it and its ancestor at every level.
+    slot_of_token = torch.full_like(tree.perm, -1)
+    slot_of_token.scatter_(1, tree.perm, shape.slot_index(tree.perm.device).expand(B, -1))
+    leaf = slot_of_token.gather(1, target.view(1, M).expand(B, M)) // shape.P  # [B, M]
+    levels = torch.arange(shape.k + 1)
+    ancestors = leaf.unsqueeze(-1) // shape.b ** (shape.k - levels)  # [B, M, k+1]
+    right = path == ancestors
+    hit = right.all(-1)
+    first_wrong = torch.where(right, shape.k + 1, levels).amin(-1)  # k+1: never wrong
+    blocks = M // block
+    share = [(first_wrong == lv).float().mean().item() for lv in range(1, shape.k + 1)]
+    return {"levels": shape.k, "leaf_hit": hit.float().mean().item(),
+            "leaf_hit_per_block": hit.float().mean(0).view(blocks, block).mean(1).tolist(),
+            "first_wrong_level_share": share,
+            "accuracy_if_hit": correct[hit].mean().item() if hit.any() else float("nan"),
+            "accuracy_if_missed": correct[~hit].mean().item() if (~hit).any() else float("nan")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,6 +103,13 @@ def main(argv: list[str] | None = None) -> int:
     for w in res["wrong_offsets"]:
         print(f"head {w['head']}: argmax on the right token {100 * w['share_on_target']:.1f}%; most common wrong "
               f"offsets (offset, count): {w['top']}")
+    if "search" in res:
+        sr = res["search"]
+        print(f"greedy search: leaf holds the right token for {100 * sr['leaf_hit']:.2f}% of queries "
+              f"(accuracy {100 * sr['accuracy_if_hit']:.2f}% there, {100 * sr['accuracy_if_missed']:.2f}% elsewhere)")
+        print("leaf hit per block:", " ".join(f"{100 * a:.0f}" for a in sr["leaf_hit_per_block"]))
+        print("share of queries whose path first goes wrong at level 1..k:",
+              " ".join(f"{100 * a:.1f}" for a in sr["first_wrong_level_share"]))
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1))
     return 0
