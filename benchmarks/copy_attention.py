@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from tca_env import search as S
 from tca_env.checkpoint import load_predictor, task_of
+from tca_env.diagnostics import search_paths, search_report
 from tca_env.tasks import make_task
 
 
@@ -63,27 +63,13 @@ def analyse(ckpt: str, sequences: int = 64, block: int = 32, seed: int = 123) ->
 
 
 def search_analysis(ctx, target: torch.Tensor, correct: torch.Tensor, block: int) -> dict:
-    """Where the greedy search of every query goes against the leaf that holds its right token."""
-    tree, shape = ctx.tree, ctx.tree.shape
-    with torch.no_grad():
-        _, path = S.greedy_readout(ctx.kv, ctx.q, with_path=True)  # [B, M, k+1] node per level
-    B, M, _ = path.shape
-    # The slot of each query's right token, then the leaf bucket holding it and its ancestor at every level.
-    slot_of_token = torch.full_like(tree.perm, -1)
-    slot_of_token.scatter_(1, tree.perm, shape.slot_index(tree.perm.device).expand(B, -1))
-    leaf = slot_of_token.gather(1, target.view(1, M).expand(B, M)) // shape.P  # [B, M]
-    levels = torch.arange(shape.k + 1)
-    ancestors = leaf.unsqueeze(-1) // shape.b ** (shape.k - levels)  # [B, M, k+1]
-    right = path == ancestors
-    hit = right.all(-1)
-    first_wrong = torch.where(right, shape.k + 1, levels).amin(-1)  # k+1: never wrong
-    blocks = M // block
-    share = [(first_wrong == lv).float().mean().item() for lv in range(1, shape.k + 1)]
-    return {"levels": shape.k, "leaf_hit": hit.float().mean().item(),
-            "leaf_hit_per_block": hit.float().mean(0).view(blocks, block).mean(1).tolist(),
-            "first_wrong_level_share": share,
-            "accuracy_if_hit": correct[hit].mean().item() if hit.any() else float("nan"),
-            "accuracy_if_missed": correct[~hit].mean().item() if (~hit).any() else float("nan")}
+    """Where the greedy search of every query goes against the leaf that holds its right token
+    (:func:`tca_env.diagnostics.search_report`), with the leaf-hit rate per block of query positions."""
+    right, _ = search_paths(ctx, target)
+    hit = right.all(-1)  # [B, M]
+    blocks = hit.shape[1] // block
+    return {**search_report(right, correct),
+            "leaf_hit_per_block": hit.float().mean(0).view(blocks, block).mean(1).tolist()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         print("leaf hit per block:", " ".join(f"{100 * a:.0f}" for a in sr["leaf_hit_per_block"]))
         print("share of queries whose path first goes wrong at level 1..k:",
               " ".join(f"{100 * a:.1f}" for a in sr["first_wrong_level_share"]))
+        print("routed right at level 1..k (of those right above):",
+              " ".join(f"{100 * a:.1f}" for a in sr["routing_per_level"]))
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1))
     return 0

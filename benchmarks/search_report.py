@@ -1,0 +1,88 @@
+"""Where a trained tca model's greedy search goes wrong, level by level, at any context size.
+
+For tasks that know which context token answers each query (copy, recall), every query's greedy path is
+checked against the ancestors of that token (:mod:`tca_env.diagnostics`): the share of queries whose leaf
+bucket holds their token (leaf hit), the routing accuracy at each level among the queries still on the
+right path, and the accuracy of the queries whose leaf is right and of the others. A model whose accuracy
+on hits is high and whose leaf hit is low is limited by its search, not by its read-out.
+
+    python benchmarks/search_report.py results/scale/saved/recall-tca-run/checkpoint.pt --context-len 1024 65536
+    python benchmarks/search_report.py results/copy/saved/copy1024-tca-nodrop/checkpoint.pt --sets 16
+
+Each context set is built and searched on its own (a batch of one), so N = 2^20 fits in a few GiB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from tca_env.checkpoint import load_predictor, task_of
+from tca_env.diagnostics import search_paths, search_report
+from tca_env.tasks import make_task
+
+
+def report(ckpt: str, context_len: int | None = None, sets: int = 4, queries: int | None = None,
+           seed: int = 0) -> dict:
+    """The search report of checkpoint ``ckpt`` over ``sets`` fixed-seed context sets of its task, at
+    ``context_len`` tokens where the task has that size option (recall), with ``queries`` per set."""
+    model, state = load_predictor(ckpt, "cpu")
+    if model.cfg.decoder != "tca":
+        raise ValueError(f"{ckpt} holds a {model.cfg.decoder!r} model; the search report needs a tca model")
+    name, options = task_of(state)
+    if context_len is not None:
+        options.update(context_len=context_len, min_context_len=None)
+    if queries is not None:
+        options["num_queries"] = queries
+    task = make_task(name, **options)
+    if context_len is not None and getattr(task, "context_len", None) != context_len:
+        raise ValueError(f"the {name!r} task has no context_len option: --context-len applies to recall")
+    gen = torch.Generator().manual_seed(seed)
+    rights, corrects, n = [], [], None
+    model.eval()
+    with torch.no_grad():
+        for _ in range(sets):
+            batch = task.sample(1, gen)
+            target = task.target_tokens(batch)
+            if target is None:
+                raise ValueError(f"the {name!r} task does not say which context token answers a query")
+            ctx = model.prepare(batch)  # keeps the tree (its token order) for search_paths
+            right, _ = search_paths(ctx, target)
+            pred = model.query(ctx, batch.xt, batch.pt)
+            rights.append(right)
+            corrects.append(pred.argmax(-1) == batch.yt)
+            n = batch.N
+            del ctx
+    out = search_report(torch.cat(rights), torch.cat(corrects))
+    return {"checkpoint": ckpt, "task": name, "context_len": n, "sets": sets, "seed": seed, **out}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="A tca checkpoint of a task with known target tokens (copy, recall).")
+    p.add_argument("--context-len", type=int, nargs="*", default=None,
+                   help="Context sizes N to report (recall); default: the size the task was trained at.")
+    p.add_argument("--sets", type=int, default=4, help="Context sets per size (fixed seed).")
+    p.add_argument("--queries", type=int, default=None,
+                   help="Queries per set (recall's num_queries; default: as trained).")
+    p.add_argument("--seed", type=int, default=0, help="Seed of the context sets.")
+    p.add_argument("--json", default=None, help="Also write the reports to this JSON file.")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    rows = [report(args.checkpoint, n, args.sets, args.queries, args.seed) for n in (args.context_len or [None])]
+    for r in rows:
+        print(f"N = {r['context_len']:,} ({r['levels']} levels, {r['queries']:,} queries): accuracy "
+              f"{100 * r['accuracy']:.2f}%, leaf hit {100 * r['leaf_hit']:.2f}% (accuracy "
+              f"{100 * r['accuracy_if_hit']:.2f}% on hits, {100 * r['accuracy_if_missed']:.2f}% on misses)")
+        print("  routed right at level 1..k (of those right above):",
+              " ".join(f"{100 * a:.1f}" for a in r["routing_per_level"]))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

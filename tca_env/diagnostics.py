@@ -1,0 +1,81 @@
+"""Where a greedy search goes wrong: each query's path against the ancestors of the token it needs.
+
+Tasks that know which context token answers each query (:meth:`Task.target_tokens`: copy, recall) let us
+check every level of the search: the node a query visits at level l is right when the token it needs lies
+under it. That splits a model's errors into the search (the leaf misses the token) and the read-out (the
+leaf holds it, the answer is still wrong)::
+
+    ctx = model.prepare(batch)                          # with its tree (not lean)
+    right, path = search_paths(ctx, task.target_tokens(batch))
+    report = search_report(right, correct)              # leaf hit, per-level routing, accuracy on hit / miss
+
+``benchmarks/search_report.py`` prints this for a checkpoint at any context size.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import search as S
+
+
+def search_paths(ctx, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy paths and, per level, whether the visited node holds the needed token.
+
+    Args:
+        ctx: a :class:`~tca_env.model.Context` with its tree (``model.prepare(batch)``, not ``lean``) and
+            queries attached.
+        target: ``[B, M]`` (or ``[M]``, the same for every set) index of the context token each query needs.
+
+    Returns:
+        ``right [B, M, k+1]`` (bool; level 0, the root, is always right) and the greedy ``path [B, M, k+1]``.
+    """
+    tree = ctx.tree
+    if tree is None:
+        raise ValueError("search_paths needs the context's tree: build it with lean=False (model.prepare(batch))")
+    shape = tree.shape
+    B, M = ctx.q.shape[:2]
+    if target.dim() == 1:
+        target = target.expand(B, -1)
+    if tuple(target.shape) != (B, M):
+        raise ValueError(f"target must be [B, M] = [{B}, {M}] (or [M]); got {tuple(target.shape)}")
+    with torch.no_grad():
+        _, path = S.greedy_readout(ctx.kv, ctx.q, with_path=True)  # [B, M, k+1] node per level
+    # The slot of every context token, then the leaf bucket of each needed token and its ancestor per level.
+    slot_of_token = torch.empty_like(tree.perm)
+    slot_of_token.scatter_(1, tree.perm, shape.slot_index(tree.perm.device).expand(B, -1))
+    leaf = slot_of_token.gather(1, target.to(tree.perm.device)) // shape.P  # [B, M]
+    levels = torch.arange(shape.k + 1, device=leaf.device)
+    ancestors = leaf.unsqueeze(-1) // shape.b ** (shape.k - levels)  # [B, M, k+1]
+    return path == ancestors, path
+
+
+def search_report(right: torch.Tensor, correct: torch.Tensor | None = None) -> dict:
+    """Summary of :func:`search_paths`' ``right [B, M, k+1]``, with the per-query ``correct [B, M]`` if given.
+
+    Keys: ``levels`` (k); ``leaf_hit`` (share of queries whose leaf bucket holds their token);
+    ``routing_per_level`` (level l = 1..k: the share routed right at l among those right at every level
+    above); ``first_wrong_level_share`` (level l = 1..k: the share of all queries that first leave their
+    token's ancestors at l); ``accuracy``, ``accuracy_if_hit`` and ``accuracy_if_missed`` (NaN where no
+    query falls in the group).
+    """
+    k = right.shape[-1] - 1
+    hit = right.all(-1)
+    above = right.cummin(-1).values  # right at every level up to and including l
+    routing = []
+    for lv in range(1, k + 1):
+        reach = above[..., lv - 1]
+        routing.append(right[..., lv][reach].float().mean().item() if reach.any() else float("nan"))
+    levels = torch.arange(k + 1, device=right.device)
+    first_wrong = torch.where(right, k + 1, levels).amin(-1)  # k + 1: never wrong
+    out = {"levels": k, "queries": hit.numel(), "leaf_hit": hit.float().mean().item(),
+           "routing_per_level": routing,
+           "first_wrong_level_share": [(first_wrong == lv).float().mean().item() for lv in range(1, k + 1)]}
+    if correct is not None:
+        c = correct.float()
+
+        def mean(x: torch.Tensor) -> float:
+            return x.mean().item() if x.numel() else float("nan")
+
+        out.update(accuracy=mean(c), accuracy_if_hit=mean(c[hit]), accuracy_if_missed=mean(c[~hit]))
+    return out

@@ -1,0 +1,121 @@
+"""The search diagnostics (tca_env.diagnostics, benchmarks/copy_attention.py, benchmarks/search_report.py)
+against a brute force over each query's greedy path and the tokens under every node it visits."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tca_env import search as S
+from tca_env.diagnostics import search_paths, search_report
+from tca_env.model import ModelConfig, ReTreever
+from tca_env.tasks import make_task
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from copy_attention import search_analysis  # noqa: E402
+from search_report import main as search_report_main  # noqa: E402
+
+SMALL = dict(d_model=16, nhead=2, dim_ff=32, emb_depth=2)
+
+
+def brute_force(ctx, target):
+    """Per query: the levels at which its greedy path visits a node whose tokens miss the needed one."""
+    _, path = S.greedy_readout(ctx.kv, ctx.q, with_path=True)
+    shape, slots = ctx.tree.shape, ctx.tree.token_index  # slots [B, P*b^k]: the context token in each slot
+    B, M = target.shape
+    wrong = [[[lv for lv in range(1, shape.k + 1)
+               if target[i, j] not in slots[i, (w := shape.P * shape.b ** (shape.k - lv)) * path[i, j, lv]:
+                                             w * (path[i, j, lv] + 1)]]
+              for j in range(M)] for i in range(B)]
+    return wrong, shape.k
+
+
+def expected_report(wrong, k, correct):
+    flat = [w for row in wrong for w in row]
+    hits = torch.tensor([not w for w in flat])
+    routing = []
+    for lv in range(1, k + 1):
+        reach = [w for w in flat if not w or w[0] >= lv]  # right at every level above lv
+        routing.append(sum(1 for w in reach if not w or w[0] > lv) / len(reach) if reach else float("nan"))
+    c = correct.flatten().float()
+    return {"leaf_hit": hits.float().mean().item(), "routing_per_level": routing,
+            "first_wrong_level_share": [sum(1 for w in flat if w and w[0] == lv) / len(flat)
+                                        for lv in range(1, k + 1)],
+            "accuracy": c.mean().item(),
+            "accuracy_if_hit": c[hits].mean().item() if hits.any() else float("nan"),
+            "accuracy_if_missed": c[~hits].mean().item() if (~hits).any() else float("nan")}, hits
+
+
+@pytest.mark.parametrize("task_name,size,b", [("copy", 64, 2), ("copy", 20, 3), ("copy", 26, 2),
+                                              ("recall", 37, 2), ("recall", 100, 3), ("recall", 64, 4)])
+def test_search_report_matches_brute_force(task_name, size, b):
+    """Leaf hit, per-level routing, first wrong level and the accuracies, for full and padded trees (N not a
+    power of b), against the tokens under every node each query visits."""
+    task = (make_task("copy", seq_len=size) if task_name == "copy"
+            else make_task("recall", context_len=size, num_queries=25))
+    torch.manual_seed(0)
+    model = ReTreever(ModelConfig.for_task(task, encoder="constant", branch=b, **SMALL)).eval()
+    batch = task.sample(3, torch.Generator().manual_seed(1))
+    target = task.target_tokens(batch)
+    correct = torch.rand(target.shape, generator=torch.Generator().manual_seed(2)) < 0.5
+    with torch.no_grad():
+        ctx = model.prepare(batch)
+        right, path = search_paths(ctx, target)
+        res = search_report(right, correct)
+        wrong, k = brute_force(ctx, target)
+    exp, hits = expected_report(wrong, k, correct)
+    assert res["levels"] == k and right.shape == path.shape == (3, target.shape[1], k + 1)
+    assert right[..., 0].all()  # the root holds every token
+    for key, value in exp.items():
+        assert res[key] == pytest.approx(value, nan_ok=True), key
+    assert 0 < res["leaf_hit"] < 1  # an untrained search hits some leaves and misses others
+
+
+def test_copy_attention_search_analysis_per_block():
+    """The copy diagnostic adds the leaf hit per block of query positions to the report."""
+    task = make_task("copy", seq_len=64)
+    torch.manual_seed(0)
+    model = ReTreever(ModelConfig.for_task(task, encoder="constant", **SMALL)).eval()
+    batch = task.sample(3, torch.Generator().manual_seed(1))
+    n = task.n
+    target = n - 1 - torch.arange(n)  # the copy task's rule, independent of target_tokens
+    assert torch.equal(task.target_tokens(batch), target.expand(3, n))
+    correct = (torch.rand(3, n, generator=torch.Generator().manual_seed(2)) < 0.5).float()
+    with torch.no_grad():
+        ctx = model.prepare(batch, full=True)
+        res = search_analysis(ctx, target, correct, block=4)
+        wrong, k = brute_force(ctx, target.expand(3, n))
+    _, hits = expected_report(wrong, k, correct)
+    assert res["leaf_hit_per_block"] == pytest.approx(hits.view(3, n).float().mean(0).view(-1, 4).mean(1).tolist())
+
+
+def test_search_paths_needs_the_tree_and_a_matching_target():
+    task = make_task("recall", context_len=40, num_queries=8)
+    model = ReTreever(ModelConfig.for_task(task, encoder="constant", **SMALL)).eval()
+    batch = task.sample(2, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        lean = model.prepare(batch, lean=True)
+        with pytest.raises(ValueError, match="lean=False"):
+            search_paths(lean, task.target_tokens(batch))
+        with pytest.raises(ValueError, match="target must be"):
+            search_paths(model.prepare(batch), task.target_tokens(batch)[:, :3])
+
+
+def test_search_report_script_on_a_saved_recall_model(tmp_path):
+    """The script reads a checkpoint, evaluates at another context size, and its JSON holds the report."""
+    from training.cli import main as tca_main
+
+    run = tmp_path / "run"
+    assert tca_main(["train", "--task", "recall", "--context-len", "64", "--task-args", '{"num_queries": 16}',
+                     "--decoder", "tca", "--steps", "2", "--batch-size", "2", "--eval-every", "2", "--eval-size", "2",
+                     "--eval-batch", "2", "--d-model", "16", "--nhead", "2", "--dim-ff", "32",
+                     "--progress", "false", "--run-dir", str(run)]) == 0
+    out = tmp_path / "report.json"
+    assert search_report_main([str(run / "checkpoint.pt"), "--context-len", "100", "--sets", "2",
+                               "--queries", "10", "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())
+    assert row["context_len"] == 100 and row["queries"] == 20 and row["task"] == "recall"
+    assert row["levels"] == len(row["routing_per_level"]) == len(row["first_wrong_level_share"])
+    assert 0 <= row["leaf_hit"] <= 1 and 0 <= row["accuracy"] <= 1
