@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from tca_env.checkpoint import load_predictor, task_of
-from tca_env.diagnostics import search_paths, search_report
+from tca_env.diagnostics import describe, search_paths, search_report
 from tca_env.tasks import make_task
 
 
@@ -90,14 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"head {w['head']}: argmax on the right token {100 * w['share_on_target']:.1f}%; most common wrong "
               f"offsets (offset, count): {w['top']}")
     if "search" in res:
-        sr = res["search"]
-        print(f"greedy search: leaf holds the right token for {100 * sr['leaf_hit']:.2f}% of queries "
-              f"(accuracy {100 * sr['accuracy_if_hit']:.2f}% there, {100 * sr['accuracy_if_missed']:.2f}% elsewhere)")
-        print("leaf hit per block:", " ".join(f"{100 * a:.0f}" for a in sr["leaf_hit_per_block"]))
-        print("share of queries whose path first goes wrong at level 1..k:",
-              " ".join(f"{100 * a:.1f}" for a in sr["first_wrong_level_share"]))
-        print("routed right at level 1..k (of those right above):",
-              " ".join(f"{100 * a:.1f}" for a in sr["routing_per_level"]))
+        print("\n".join(describe(res["search"])))
+        print("leaf hit per block:", " ".join(f"{100 * a:.0f}" for a in res["search"]["leaf_hit_per_block"]))
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1))
     return 0

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from tca_env.checkpoint import load_predictor, task_of
-from tca_env.diagnostics import search_paths, search_report
+from tca_env.diagnostics import describe, search_paths, search_report
 from tca_env.tasks import make_task
 
 
@@ -74,11 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     rows = [report(args.checkpoint, n, args.sets, args.queries, args.seed) for n in (args.context_len or [None])]
     for r in rows:
-        print(f"N = {r['context_len']:,} ({r['levels']} levels, {r['queries']:,} queries): accuracy "
-              f"{100 * r['accuracy']:.2f}%, leaf hit {100 * r['leaf_hit']:.2f}% (accuracy "
-              f"{100 * r['accuracy_if_hit']:.2f}% on hits, {100 * r['accuracy_if_missed']:.2f}% on misses)")
-        print("  routed right at level 1..k (of those right above):",
-              " ".join(f"{100 * a:.1f}" for a in r["routing_per_level"]))
+        print(f"N = {r['context_len']:,}")
+        print("\n".join("  " + line for line in describe(r)))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0

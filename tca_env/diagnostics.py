@@ -79,3 +79,18 @@ def search_report(right: torch.Tensor, correct: torch.Tensor | None = None) -> d
 
         out.update(accuracy=mean(c), accuracy_if_hit=mean(c[hit]), accuracy_if_missed=mean(c[~hit]))
     return out
+
+
+def describe(report: dict) -> list[str]:
+    """:func:`search_report` as printable lines (percentages)."""
+    pct = " ".join
+    lines = [f"greedy search over {report['levels']} levels, {report['queries']:,} queries: the leaf holds the "
+             f"needed token for {100 * report['leaf_hit']:.2f}%"]
+    if "accuracy" in report:
+        lines.append(f"accuracy {100 * report['accuracy']:.2f}% ({100 * report['accuracy_if_hit']:.2f}% where the "
+                     f"leaf holds it, {100 * report['accuracy_if_missed']:.2f}% elsewhere)")
+    lines.append("routed right at level 1..k (of those right above): "
+                 + pct(f"{100 * a:.1f}" for a in report["routing_per_level"]))
+    lines.append("share of queries whose path first goes wrong at level 1..k: "
+                 + pct(f"{100 * a:.1f}" for a in report["first_wrong_level_share"]))
+    return lines
