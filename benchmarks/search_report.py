@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from tca_env import search as S
 from tca_env.checkpoint import load_predictor, task_of
 from tca_env.diagnostics import describe, search_paths, search_report
 from tca_env.tasks import make_task
@@ -50,8 +51,10 @@ def report(ckpt: str, context_len: int | None = None, sets: int = 4, queries: in
             if target is None:
                 raise ValueError(f"the {name!r} task does not say which context token answers a query")
             ctx = model.prepare(batch)  # keeps the tree (its token order) for search_paths
-            right, _ = search_paths(ctx, target)
-            pred = model.query(ctx, batch.xt, batch.pt)
+            # One greedy search serves both the prediction and the path check.
+            attn, path = S.greedy_readout(ctx.kv, ctx.q, with_path=True)
+            pred = model.finish_head(ctx.query_emb, attn)
+            right, _ = search_paths(ctx, target, path)
             rights.append(right)
             corrects.append(pred.argmax(-1) == batch.yt)
             n = batch.N

@@ -19,13 +19,15 @@ import torch
 from . import search as S
 
 
-def search_paths(ctx, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def search_paths(ctx, target: torch.Tensor, path: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy paths and, per level, whether the visited node holds the needed token.
 
     Args:
         ctx: a :class:`~tca_env.model.Context` with its tree (``model.prepare(batch)``, not ``lean``) and
             queries attached.
         target: ``[B, M]`` (or ``[M]``, the same for every set) index of the context token each query needs.
+        path: the greedy paths if the caller already has them (``S.greedy_readout(..., with_path=True)``,
+            whose read-out then serves the prediction too); None: searched here.
 
     Returns:
         ``right [B, M, k+1]`` (bool; level 0, the root, is always right) and the greedy ``path [B, M, k+1]``.
@@ -39,8 +41,9 @@ def search_paths(ctx, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
         target = target.expand(B, -1)
     if tuple(target.shape) != (B, M):
         raise ValueError(f"target must be [B, M] = [{B}, {M}] (or [M]); got {tuple(target.shape)}")
-    with torch.no_grad():
-        _, path = S.greedy_readout(ctx.kv, ctx.q, with_path=True)  # [B, M, k+1] node per level
+    if path is None:
+        with torch.no_grad():
+            _, path = S.greedy_readout(ctx.kv, ctx.q, with_path=True)  # [B, M, k+1] node per level
     # The slot of every context token, then the leaf bucket of each needed token and its ancestor per level.
     slot_of_token = torch.empty_like(tree.perm)
     slot_of_token.scatter_(1, tree.perm, shape.slot_index(tree.perm.device).expand(B, -1))
