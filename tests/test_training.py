@@ -63,11 +63,14 @@ def test_resume_refuses_a_different_model(tmp_path):
 
 def test_init_from_takes_the_weights_of_a_shorter_task_and_nothing_else(tmp_path):
     """A curriculum: weights trained at L = 16 start a run at L = 32 (the model config differs only in
-    max_context); the new run's optimiser and step start afresh, and its first step moves from those weights."""
+    max_context and in how training regularises and routes gradients: dropout, bptt); the new run's
+    optimiser and step start afresh, and its first step moves from those weights."""
     short = Trainer(tiny(tmp_path / "short", steps=3))
     short.fit()
-    longer = Trainer(tiny(tmp_path / "long", steps=2, seq_len=32, dropout=0.1, init_from=str(short.ckpt_path)))
+    longer = Trainer(tiny(tmp_path / "long", steps=2, seq_len=32, dropout=0.1, bptt=True,
+                          init_from=str(short.ckpt_path)))
     assert longer.model.cfg.max_context == 2 * short.model.cfg.max_context
+    assert longer.model.cfg.bptt and not short.model.cfg.bptt
     ps, pl = params(short), params(longer)
     assert all(torch.equal(ps[k], pl[k]) for k in ps)
     assert longer.step == 0 and not longer.opt.state

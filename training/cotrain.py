@@ -192,10 +192,10 @@ class Trainer:
         then = asdict(ModelConfig(**ckpt["model_config"]))
         return {k: (v, then.get(k)) for k, v in asdict(self.model.cfg).items() if k not in ignore and then.get(k) != v}
 
-    #: model-config fields an --init-from run may change: the task's size and how training regularises and
-    #: rewards, none of which changes what the weights mean
+    #: model-config fields an --init-from run may change: the task's size and how training regularises,
+    #: rewards and routes gradients (bptt), none of which changes what the weights mean
     INIT_FREE = frozenset({"max_context", "dropout", "policy_dropout", "policy_p", "agg_dropout", "lambda_ca",
-                           "lambda_rl", "reward", "rl_baseline", "entropy_coef"})
+                           "lambda_rl", "reward", "rl_baseline", "entropy_coef", "bptt"})
 
     def init_weights(self, path: str | Path) -> None:
         """The model weights of another run's checkpoint (``--init-from``); nothing else of that run."""
