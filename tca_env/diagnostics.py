@@ -35,7 +35,6 @@ def search_paths(ctx, target: torch.Tensor, path: torch.Tensor | None = None) ->
     tree = ctx.tree
     if tree is None:
         raise ValueError("search_paths needs the context's tree: build it with lean=False (model.prepare(batch))")
-    shape = tree.shape
     B, M = ctx.q.shape[:2]
     if target.dim() == 1:
         target = target.expand(B, -1)
@@ -44,13 +43,19 @@ def search_paths(ctx, target: torch.Tensor, path: torch.Tensor | None = None) ->
     if path is None:
         with torch.no_grad():
             _, path = S.greedy_readout(ctx.kv, ctx.q, with_path=True)  # [B, M, k+1] node per level
+    return path == ancestors(tree, target), path
+
+
+def ancestors(tree, target: torch.Tensor) -> torch.Tensor:
+    """The right path: ``[B, M, k+1]`` the node at each level above the token ``target [B, M]`` of each query
+    (its leaf bucket at level k, the root 0 at level 0). ``tree``: a :class:`~tca_env.tree.Tree`."""
+    shape, B = tree.shape, tree.perm.shape[0]
     # The slot of every context token, then the leaf bucket of each needed token and its ancestor per level.
     slot_of_token = torch.empty_like(tree.perm)
     slot_of_token.scatter_(1, tree.perm, shape.slot_index(tree.perm.device).expand(B, -1))
     leaf = slot_of_token.gather(1, target.to(tree.perm.device)) // shape.P  # [B, M]
     levels = torch.arange(shape.k + 1, device=leaf.device)
-    ancestors = leaf.unsqueeze(-1) // shape.b ** (shape.k - levels)  # [B, M, k+1]
-    return path == ancestors, path
+    return leaf.unsqueeze(-1) // shape.b ** (shape.k - levels)
 
 
 def search_report(right: torch.Tensor, correct: torch.Tensor | None = None) -> dict:

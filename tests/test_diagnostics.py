@@ -119,3 +119,24 @@ def test_search_report_script_on_a_saved_recall_model(tmp_path):
     assert row["context_len"] == 100 and row["queries"] == 20 and row["task"] == "recall"
     assert row["levels"] == len(row["routing_per_level"]) == len(row["first_wrong_level_share"])
     assert 0 <= row["leaf_hit"] <= 1 and 0 <= row["accuracy"] <= 1
+
+
+def test_routing_probe_teacher_forcing_raises_the_right_paths_probability(tmp_path):
+    """benchmarks/routing_probe.py: told the right child at every level, the search's log-probability of the
+    right path rises; the reports are those of search_report, at the steps asked for."""
+    from routing_probe import main as probe_main
+
+    from training.cli import main as tca_main
+
+    run = tmp_path / "run"
+    assert tca_main(["train", "--task", "recall", "--context-len", "32", "--task-args", '{"num_queries": 16}',
+                     "--decoder", "tca", "--steps", "1", "--batch-size", "2", "--eval-every", "1", "--eval-size", "2",
+                     "--eval-batch", "2", "--d-model", "16", "--nhead", "2", "--dim-ff", "32",
+                     "--progress", "false", "--run-dir", str(run)]) == 0
+    out = tmp_path / "probe.json"
+    assert probe_main([str(run / "checkpoint.pt"), "--bptt", "true", "--steps", "40", "--eval-every", "20",
+                       "--batch-size", "4", "--lr", "0.01", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [r["step"] for r in rows] == [0, 20, 40]
+    assert all(r["levels"] == 4 == len(r["routing_per_level"]) for r in rows)  # N = 32, b = 2: P = 2, k = 4
+    assert rows[-1]["right_path_log_prob"] > rows[0]["right_path_log_prob"] + 0.5
