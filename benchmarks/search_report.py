@@ -4,7 +4,9 @@ For tasks that know which context token answers each query (copy, recall), every
 checked against the ancestors of that token (:mod:`tca_env.diagnostics`): the share of queries whose leaf
 bucket holds their token (leaf hit), the routing accuracy at each level among the queries still on the
 right path, and the accuracy of the queries whose leaf is right and of the others. A model whose accuracy
-on hits is high and whose leaf hit is low is limited by its search, not by its read-out.
+on hits is high and whose leaf hit is low is limited by its search, not by its read-out. For the errors it
+also gives how sure the policy was: the share of each level's errors made with the right child's
+probability below 1% (confident errors, which REINFORCE hardly corrects).
 
     python benchmarks/search_report.py results/scale/saved/recall-tca-run/checkpoint.pt --context-len 1024 65536
     python benchmarks/search_report.py results/copy/saved/copy1024-tca-nodrop/checkpoint.pt --sets 16
@@ -22,7 +24,7 @@ import torch
 
 from tca_env import search as S
 from tca_env.checkpoint import load_predictor, task_of
-from tca_env.diagnostics import describe, search_paths, search_report
+from tca_env.diagnostics import describe, right_child_probs, search_paths, search_report
 from tca_env.tasks import make_task
 
 
@@ -42,7 +44,7 @@ def report(ckpt: str, context_len: int | None = None, sets: int = 4, queries: in
     if context_len is not None and getattr(task, "context_len", None) != context_len:
         raise ValueError(f"the {name!r} task has no context_len option: --context-len applies to recall")
     gen = torch.Generator().manual_seed(seed)
-    rights, corrects, n = [], [], None
+    rights, corrects, p_rights, n = [], [], [], None
     model.eval()
     with torch.no_grad():
         for _ in range(sets):
@@ -57,9 +59,10 @@ def report(ckpt: str, context_len: int | None = None, sets: int = 4, queries: in
             right, _ = search_paths(ctx, target, path)
             rights.append(right)
             corrects.append(pred.argmax(-1) == batch.yt)
+            p_rights.append(right_child_probs(ctx, target))
             n = batch.N
             del ctx
-    out = search_report(torch.cat(rights), torch.cat(corrects))
+    out = search_report(torch.cat(rights), torch.cat(corrects), torch.cat(p_rights))
     return {"checkpoint": ckpt, "task": name, "context_len": n, "sets": sets, "seed": seed, **out}
 
 

@@ -58,14 +58,40 @@ def ancestors(tree, target: torch.Tensor) -> torch.Tensor:
     return leaf.unsqueeze(-1) // shape.b ** (shape.k - levels)
 
 
-def search_report(right: torch.Tensor, correct: torch.Tensor | None = None) -> dict:
-    """Summary of :func:`search_paths`' ``right [B, M, k+1]``, with the per-query ``correct [B, M]`` if given.
+def right_child_probs(ctx, target: torch.Tensor) -> torch.Tensor:
+    """The search policy's probability of the right child at every level, along the right path: ``[B, M, k]``.
+
+    Level l's entry is pi(right child | the right node at l - 1), the policy the search samples from (each
+    head's softmax over the children, averaged over heads). Where a greedy search first goes wrong, its node
+    is the right one, so this is the probability it gave the child it should have taken: near 0 means a
+    confident error, which REINFORCE hardly corrects (the right child is rarely sampled, and the gradient on
+    the sampled one scales with 1 - pi).
+    """
+    if ctx.tree is None:
+        raise ValueError("right_child_probs needs the context's tree: build it with lean=False (model.prepare(batch))")
+    right = ancestors(ctx.tree, target.expand(ctx.q.shape[0], -1) if target.dim() == 1 else target)
+    actions = right[..., 1:] - ctx.kv.shape.b * right[..., :-1]  # [B, M, k]
+    with torch.no_grad():
+        return torch.stack([S.step(ctx.kv, ctx.q, s, right[..., s], "greedy", actions[..., s]).log_probs
+                            .gather(-1, actions[..., s:s + 1]).squeeze(-1).exp() for s in range(ctx.kv.shape.k)], -1)
+
+
+#: a level's error counts as confident when the policy gave the right child less than this
+CONFIDENT = 0.01
+
+
+def search_report(right: torch.Tensor, correct: torch.Tensor | None = None,
+                  p_right: torch.Tensor | None = None) -> dict:
+    """Summary of :func:`search_paths`' ``right [B, M, k+1]``, with the per-query ``correct [B, M]`` and the
+    policy's ``p_right [B, M, k]`` (:func:`right_child_probs`) if given.
 
     Keys: ``levels`` (k); ``leaf_hit`` (share of queries whose leaf bucket holds their token);
     ``routing_per_level`` (level l = 1..k: the share routed right at l among those right at every level
     above); ``first_wrong_level_share`` (level l = 1..k: the share of all queries that first leave their
     token's ancestors at l); ``accuracy``, ``accuracy_if_hit`` and ``accuracy_if_missed`` (NaN where no
-    query falls in the group).
+    query falls in the group); with ``p_right``: ``confident_errors_per_level`` (level l: of the queries
+    that first go wrong at l, the share whose right child had probability below :data:`CONFIDENT`) and
+    ``p_right_when_wrong_per_level`` (their median probability of the right child).
     """
     k = right.shape[-1] - 1
     hit = right.all(-1)
@@ -86,6 +112,13 @@ def search_report(right: torch.Tensor, correct: torch.Tensor | None = None) -> d
             return x.mean().item() if x.numel() else float("nan")
 
         out.update(accuracy=mean(c), accuracy_if_hit=mean(c[hit]), accuracy_if_missed=mean(c[~hit]))
+    if p_right is not None:
+        conf, med = [], []
+        for lv in range(1, k + 1):
+            p = p_right[..., lv - 1][first_wrong == lv].float()
+            conf.append((p < CONFIDENT).float().mean().item() if p.numel() else float("nan"))
+            med.append(p.median().item() if p.numel() else float("nan"))
+        out.update(confident_errors_per_level=conf, p_right_when_wrong_per_level=med)
     return out
 
 
@@ -101,4 +134,7 @@ def describe(report: dict) -> list[str]:
                  + pct(f"{100 * a:.1f}" for a in report["routing_per_level"]))
     lines.append("share of queries whose path first goes wrong at level 1..k: "
                  + pct(f"{100 * a:.1f}" for a in report["first_wrong_level_share"]))
+    if "confident_errors_per_level" in report:
+        lines.append(f"of those errors, the share made with p(right child) < {CONFIDENT:g}, level 1..k: "
+                     + pct(f"{100 * a:.0f}" for a in report["confident_errors_per_level"]))
     return lines

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tca_env import search as S
-from tca_env.diagnostics import search_paths, search_report
+from tca_env.diagnostics import CONFIDENT, right_child_probs, search_paths, search_report
 from tca_env.model import ModelConfig, ReTreever
 from tca_env.tasks import make_task
 
@@ -71,6 +71,52 @@ def test_search_report_matches_brute_force(task_name, size, b):
     for key, value in exp.items():
         assert res[key] == pytest.approx(value, nan_ok=True), key
     assert 0 < res["leaf_hit"] < 1  # an untrained search hits some leaves and misses others
+
+
+@pytest.mark.parametrize("task_name,size,b", [("copy", 64, 2), ("recall", 100, 3), ("recall", 37, 2)])
+def test_right_child_probs_and_confident_errors_match_brute_force(task_name, size, b):
+    """The policy's probability of the right child per level, recomputed per query from the nodes' own
+    embeddings (each head's softmax over the real children, averaged over heads), and the report's share of
+    confident errors and median p(right) at each query's first wrong level."""
+    task = (make_task("copy", seq_len=size) if task_name == "copy"
+            else make_task("recall", context_len=size, num_queries=25))
+    torch.manual_seed(0)
+    model = ReTreever(ModelConfig.for_task(task, encoder="constant", branch=b, **SMALL)).eval()
+    with torch.no_grad():
+        model.readout.attn.q.weight.mul_(40.0)  # sharp scores: an untrained policy that errs confidently
+        batch = task.sample(2, torch.Generator().manual_seed(1))
+        target = task.target_tokens(batch)
+        ctx = model.prepare(batch)
+        p = right_child_probs(ctx, target)
+        right, _ = search_paths(ctx, target)
+        res = search_report(right, None, p)
+        tree, shape = ctx.tree, ctx.tree.shape
+        slots = tree.token_index
+        B, M = target.shape
+        expected = torch.empty(B, M, shape.k)
+        for i in range(B):
+            for j in range(M):
+                slot = int((slots[i] == target[i, j]).nonzero())
+                for lv in range(1, shape.k + 1):
+                    node = slot // (shape.P * shape.b ** (shape.k - lv))  # the right node at level lv
+                    kids = [node // b * b + c for c in range(b)]
+                    real = [c for c in kids if tree.node_mask[lv][i, c]]
+                    keys, _ = model.readout.keys_values(tree.nodes[lv][i, real])  # [c, H, dh]
+                    w = (keys * ctx.q[i, j]).sum(-1).softmax(0)  # [c, H]
+                    expected[i, j, lv - 1] = w[real.index(node)].mean()
+    torch.testing.assert_close(p, expected, rtol=1e-5, atol=1e-6)
+    wrong, k = brute_force(ctx, target)
+    first = torch.tensor([w[0] if w else k + 1 for row in wrong for w in row])
+    pf = p.reshape(-1, k)
+    for lv in range(1, k + 1):
+        at = pf[first == lv, lv - 1]
+        conf, med = res["confident_errors_per_level"][lv - 1], res["p_right_when_wrong_per_level"][lv - 1]
+        if at.numel():
+            assert conf == pytest.approx((at < CONFIDENT).float().mean().item())
+            assert med == pytest.approx(at.median().item())
+        else:
+            assert conf != conf and med != med  # NaN: no query errs first at this level
+    assert (pf[first <= k] < CONFIDENT).any()  # the sharpened policy does err confidently somewhere
 
 
 def test_copy_attention_search_analysis_per_block():
