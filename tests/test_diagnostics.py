@@ -149,17 +149,22 @@ def test_search_paths_needs_the_tree_and_a_matching_target():
             search_paths(model.prepare(batch), task.target_tokens(batch)[:, :3])
 
 
-def test_search_report_script_on_a_saved_recall_model(tmp_path):
-    """The script reads a checkpoint, evaluates at another context size, and its JSON holds the report."""
+def small_recall_checkpoint(run: Path, context_len: int, steps: int) -> Path:
+    """A tiny tca recall model trained ``steps`` steps through the CLI; its checkpoint's path."""
     from training.cli import main as tca_main
 
-    run = tmp_path / "run"
-    assert tca_main(["train", "--task", "recall", "--context-len", "64", "--task-args", '{"num_queries": 16}',
-                     "--decoder", "tca", "--steps", "2", "--batch-size", "2", "--eval-every", "2", "--eval-size", "2",
-                     "--eval-batch", "2", "--d-model", "16", "--nhead", "2", "--dim-ff", "32",
-                     "--progress", "false", "--run-dir", str(run)]) == 0
+    assert tca_main(["train", "--task", "recall", "--context-len", str(context_len), "--task-args",
+                     '{"num_queries": 16}', "--decoder", "tca", "--steps", str(steps), "--batch-size", "2",
+                     "--eval-every", str(steps), "--eval-size", "2", "--eval-batch", "2", "--d-model", "16",
+                     "--nhead", "2", "--dim-ff", "32", "--progress", "false", "--run-dir", str(run)]) == 0
+    return run / "checkpoint.pt"
+
+
+def test_search_report_script_on_a_saved_recall_model(tmp_path):
+    """The script reads a checkpoint, evaluates at another context size, and its JSON holds the report."""
+    ckpt = small_recall_checkpoint(tmp_path / "run", 64, 2)
     out = tmp_path / "report.json"
-    assert search_report_main([str(run / "checkpoint.pt"), "--context-len", "100", "--sets", "2",
+    assert search_report_main([str(ckpt), "--context-len", "100", "--sets", "2",
                                "--queries", "10", "--json", str(out)]) == 0
     (row,) = json.loads(out.read_text())
     assert row["context_len"] == 100 and row["queries"] == 20 and row["task"] == "recall"
@@ -172,15 +177,9 @@ def test_routing_probe_teacher_forcing_raises_the_right_paths_probability(tmp_pa
     right path rises; the reports are those of search_report, at the steps asked for."""
     from routing_probe import main as probe_main
 
-    from training.cli import main as tca_main
-
-    run = tmp_path / "run"
-    assert tca_main(["train", "--task", "recall", "--context-len", "32", "--task-args", '{"num_queries": 16}',
-                     "--decoder", "tca", "--steps", "1", "--batch-size", "2", "--eval-every", "1", "--eval-size", "2",
-                     "--eval-batch", "2", "--d-model", "16", "--nhead", "2", "--dim-ff", "32",
-                     "--progress", "false", "--run-dir", str(run)]) == 0
+    ckpt = small_recall_checkpoint(tmp_path / "run", 32, 1)
     out = tmp_path / "probe.json"
-    assert probe_main([str(run / "checkpoint.pt"), "--bptt", "true", "--steps", "40", "--eval-every", "20",
+    assert probe_main([str(ckpt), "--bptt", "true", "--steps", "40", "--eval-every", "20",
                        "--batch-size", "4", "--lr", "0.01", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())
     assert [r["step"] for r in rows] == [0, 20, 40]
