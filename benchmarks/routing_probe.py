@@ -23,10 +23,11 @@ import time
 from pathlib import Path
 
 import torch
+from search_report import evaluate as search_sets  # the search report's evaluation, beside this script
 
 from tca_env import search as S
 from tca_env.checkpoint import load_predictor, task_of
-from tca_env.diagnostics import ancestors, describe, search_paths, search_report
+from tca_env.diagnostics import ancestors, describe
 from tca_env.tasks import make_task
 
 
@@ -45,27 +46,11 @@ def probe(ckpt: str, bptt: bool, steps: int, eval_every: int = 250, batch_size: 
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(seed)
 
-    def right_actions(ctx, target: torch.Tensor) -> torch.Tensor:
-        right = ancestors(ctx.tree, target)  # [B, M, k+1]
-        return right[..., 1:] - ctx.kv.shape.b * right[..., :-1]
-
     def evaluate() -> dict:
-        model.eval()
-        g = torch.Generator().manual_seed(0)
-        rights, corrects, logp = [], [], []
-        with torch.no_grad():
-            for _ in range(eval_sets):
-                batch = ev_task.sample(1, g)
-                target = ev_task.target_tokens(batch)
-                ctx = model.prepare(batch)
-                attn, path = S.greedy_readout(ctx.kv, ctx.q, with_path=True)
-                rights.append(search_paths(ctx, target, path)[0])
-                corrects.append(model.finish_head(ctx.query_emb, attn).argmax(-1) == batch.yt)
-                logp.append(S.descend(ctx.kv, ctx.q, "greedy", right_actions(ctx, target)).log_prob)
+        report, p_right, _ = search_sets(model, ev_task, eval_sets)
         model.train()
         # right_path_log_prob: the mean log-probability of the whole right path, what teacher forcing raises
-        return {**search_report(torch.cat(rights), torch.cat(corrects)),
-                "right_path_log_prob": torch.cat(logp).mean().item()}
+        return {**report, "right_path_log_prob": p_right.log().sum(-1).mean().item()}
 
     log_rows, t0 = [], time.perf_counter()
     model.train()
@@ -78,7 +63,8 @@ def probe(ckpt: str, bptt: bool, steps: int, eval_every: int = 250, batch_size: 
             break
         batch = task.sample(batch_size, gen)
         ctx = model.prepare(batch)
-        attn, d = S.search_readout(ctx.kv, ctx.q, "greedy", right_actions(ctx, task.target_tokens(batch)))
+        right = ancestors(ctx.tree, task.target_tokens(batch))
+        attn, d = S.search_readout(ctx.kv, ctx.q, "greedy", S.path_actions(right, ctx.kv.shape.b))
         out = model.head(model.readout.finish(ctx.query_emb, attn))
         loss = model.head.loss(out, batch.yt).mean() - d.log_prob.mean()
         opt.zero_grad()

@@ -43,6 +43,14 @@ def report(ckpt: str, context_len: int | None = None, sets: int = 4, queries: in
     task = make_task(name, **options)
     if context_len is not None and getattr(task, "context_len", None) != context_len:
         raise ValueError(f"the {name!r} task has no context_len option: --context-len applies to recall")
+    out, _, n = evaluate(model, task, sets, seed)
+    return {"checkpoint": ckpt, "task": name, "context_len": n, "sets": sets, "seed": seed, **out}
+
+
+def evaluate(model, task, sets: int, seed: int = 0) -> tuple[dict, torch.Tensor, int]:
+    """The search report (with the confident errors) of ``model`` in eval mode over ``sets`` context sets of
+    ``task`` drawn from ``seed``, each built and searched alone; also the policy's probability of the right
+    child ``[sets, M, k]`` and the sets' N."""
     gen = torch.Generator().manual_seed(seed)
     rights, corrects, p_rights, n = [], [], [], None
     model.eval()
@@ -51,19 +59,18 @@ def report(ckpt: str, context_len: int | None = None, sets: int = 4, queries: in
             batch = task.sample(1, gen)
             target = task.target_tokens(batch)
             if target is None:
-                raise ValueError(f"the {name!r} task does not say which context token answers a query")
+                raise ValueError(f"the {task.name!r} task does not say which context token answers a query")
             ctx = model.prepare(batch)  # keeps the tree (its token order) for search_paths
             # One greedy search serves both the prediction and the path check.
             attn, path = S.greedy_readout(ctx.kv, ctx.q, with_path=True)
             pred = model.finish_head(ctx.query_emb, attn)
-            right, _ = search_paths(ctx, target, path)
-            rights.append(right)
+            rights.append(search_paths(ctx, target, path)[0])
             corrects.append(pred.argmax(-1) == batch.yt)
             p_rights.append(right_child_probs(ctx, target))
             n = batch.N
             del ctx
-    out = search_report(torch.cat(rights), torch.cat(corrects), torch.cat(p_rights))
-    return {"checkpoint": ckpt, "task": name, "context_len": n, "sets": sets, "seed": seed, **out}
+    p_right = torch.cat(p_rights)
+    return search_report(torch.cat(rights), torch.cat(corrects), p_right), p_right, n
 
 
 def main(argv: list[str] | None = None) -> int:

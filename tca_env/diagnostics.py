@@ -32,18 +32,23 @@ def search_paths(ctx, target: torch.Tensor, path: torch.Tensor | None = None) ->
     Returns:
         ``right [B, M, k+1]`` (bool; level 0, the root, is always right) and the greedy ``path [B, M, k+1]``.
     """
-    tree = ctx.tree
-    if tree is None:
-        raise ValueError("search_paths needs the context's tree: build it with lean=False (model.prepare(batch))")
+    right = _right_path(ctx, target, "search_paths")
+    if path is None:
+        with torch.no_grad():
+            _, path = S.greedy_readout(ctx.kv, ctx.q, with_path=True)  # [B, M, k+1] node per level
+    return path == right, path
+
+
+def _right_path(ctx, target: torch.Tensor, caller: str) -> torch.Tensor:
+    """:func:`ancestors` of ``target`` (``[B, M]`` or ``[M]``) in ``ctx``'s tree, after checking both."""
+    if ctx.tree is None:
+        raise ValueError(f"{caller} needs the context's tree: build it with lean=False (model.prepare(batch))")
     B, M = ctx.q.shape[:2]
     if target.dim() == 1:
         target = target.expand(B, -1)
     if tuple(target.shape) != (B, M):
         raise ValueError(f"target must be [B, M] = [{B}, {M}] (or [M]); got {tuple(target.shape)}")
-    if path is None:
-        with torch.no_grad():
-            _, path = S.greedy_readout(ctx.kv, ctx.q, with_path=True)  # [B, M, k+1] node per level
-    return path == ancestors(tree, target), path
+    return ancestors(ctx.tree, target)
 
 
 def ancestors(tree, target: torch.Tensor) -> torch.Tensor:
@@ -67,10 +72,8 @@ def right_child_probs(ctx, target: torch.Tensor) -> torch.Tensor:
     confident error, which REINFORCE hardly corrects (the right child is rarely sampled, and the gradient on
     the sampled one scales with 1 - pi).
     """
-    if ctx.tree is None:
-        raise ValueError("right_child_probs needs the context's tree: build it with lean=False (model.prepare(batch))")
-    right = ancestors(ctx.tree, target.expand(ctx.q.shape[0], -1) if target.dim() == 1 else target)
-    actions = right[..., 1:] - ctx.kv.shape.b * right[..., :-1]  # [B, M, k]
+    right = _right_path(ctx, target, "right_child_probs")
+    actions = S.path_actions(right, ctx.kv.shape.b)  # [B, M, k]
     with torch.no_grad():
         return torch.stack([S.step(ctx.kv, ctx.q, s, right[..., s], "greedy", actions[..., s]).log_probs
                             .gather(-1, actions[..., s:s + 1]).squeeze(-1).exp() for s in range(ctx.kv.shape.k)], -1)

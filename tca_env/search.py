@@ -294,7 +294,12 @@ class Descent:
     @property
     def actions(self) -> torch.Tensor:
         """``[B, M, k]`` the child chosen at each step (derived from the path rather than stored)."""
-        return self.path[..., 1:] - self.b * self.path[..., :-1]
+        return path_actions(self.path, self.b)
+
+
+def path_actions(path: torch.Tensor, b: int) -> torch.Tensor:
+    """The child taken at each step of ``path [..., k+1]`` (node index per level): ``[..., k]``."""
+    return path[..., 1:] - b * path[..., :-1]
 
 
 def descend(kv: TreeKV, q: torch.Tensor, mode: str = "greedy", actions: torch.Tensor | None = None,
@@ -326,7 +331,7 @@ def descend(kv: TreeKV, q: torch.Tensor, mode: str = "greedy", actions: torch.Te
             probs.append(r.probs)
     path = torch.stack(nodes, -1)  # [B, M, k+1]
     if stats and k > 0:  # once for all levels: [B, M, k, b] and [B, M, k, b, H]
-        acts = path[..., 1:] - kv.shape.b * path[..., :-1]
+        acts = path_actions(path, kv.shape.b)
         log_prob = torch.stack(logps, 2).gather(-1, acts.unsqueeze(-1)).squeeze(-1).sum(-1)
         p = torch.stack(probs, 2)
         ent = -(p * (p + 1e-9).log()).sum(3).mean((-2, -1))  # head_entropy averaged over levels
