@@ -191,8 +191,14 @@ def work_env(n: int, checkpoint: str | None, num_envs: int, rounds: int, array_t
 
 # ------------------------------------------------------------------------------------------ driver side
 
-def run_worker(args: list[str], timeout: float) -> dict | None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+#: glibc malloc settings of ``--malloc tuned``: serve allocations up to 256 MiB from the heap and keep up to
+#: 1 GiB of freed heap. With glibc's defaults, every chunk's temporaries of several MiB are mapped fresh and
+#: returned to the system, and the build spends ~1 s of 2^20's first touching them again (~550,000 page faults).
+TUNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(2**28), "MALLOC_TRIM_THRESHOLD_": str(2**30)}
+
+
+def run_worker(args: list[str], timeout: float, malloc: str = "tuned") -> dict | None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **(TUNED_MALLOC if malloc == "tuned" else {})}
     cmd = [sys.executable, __file__, "--worker", *args]
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
@@ -274,6 +280,10 @@ def markdown(res: dict) -> str:
                   f"{e['array_type']} arrays): **{e['query_steps_per_s']:,.0f} query-steps/s** after a "
                   f"{e['build_s']:.1f} s reset (sampling + build)."]
     lines += ["", f"Checkpoints: {res.get('checkpoints')}. Command: `{res.get('command')}`."]
+    if res.get("tca_command"):
+        lines += ["", f"The tca columns (build, per query, end to end, accuracy) were measured again later with "
+                  f"`{res['tca_command']}` (glibc malloc: {res.get('tca_malloc', 'default')}; the other columns: "
+                  f"{res.get('malloc', 'default')})."]
     if res.get("env_command"):
         lines += ["", f"The env row was measured again later with `{res['env_command']}`."]
     return "\n".join(lines) + "\n"
@@ -332,6 +342,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--replot", action="store_true", help="Redraw scale.md / scale.png from scale.json.")
     p.add_argument("--env-only", action="store_true", help="Measure only the env (with --env settings) and update "
                    "its entry in an existing scale.json.")
+    p.add_argument("--tca-only", action="store_true", help="Measure only tca (build, per query, end to end, "
+                   "accuracy) at every N in range and replace those entries in an existing scale.json (the rest kept).")
+    p.add_argument("--malloc", choices=("tuned", "default"), default="tuned",
+                   help="glibc malloc of the worker processes: 'tuned' (default) keeps freed memory for reuse "
+                   "(MALLOC_MMAP_THRESHOLD_=2^28, MALLOC_TRIM_THRESHOLD_=2^30), 'default' leaves glibc's settings.")
     p.add_argument("--worker", nargs="*", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
@@ -351,34 +366,47 @@ def main(argv: list[str] | None = None) -> int:
 
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if args.replot or args.env_only:
+    if args.replot or args.env_only or args.tca_only:
         res = json.loads((out_dir / "scale.json").read_text())
+        if args.tca_only:
+            res["tca"] = [r for r in res["tca"] if not args.min_log2 <= r["n"].bit_length() - 1 <= args.max_log2]
+            res["checkpoints"]["tca"] = args.tca
+            res["tca_malloc"] = args.malloc
+            res["tca_command"] = "python benchmarks/scale.py " + " ".join(sys.argv[1:] if argv is None else argv)
+            for lg in range(args.min_log2, args.max_log2 + 1):
+                r = run_worker(["tca", str(2**lg), args.tca or "", "--repeats", str(args.repeats)], args.timeout,
+                               args.malloc)
+                if r:
+                    res["tca"] = sorted([*res["tca"], r], key=lambda e: e["n"])
+                    print(f"N = 2^{lg} tca: build {r['build_s']:.2f} s, peak {r.get('build_peak_mib', 0):.0f} MiB, "
+                          f"{r['query_us']:.2f} us/query, accuracy {r['accuracy']:.3f}", flush=True)
         if args.env_only:
             n = 2**args.env_log2
-            res["env"] = run_worker(["env", str(n), args.tca or "", "--env-rounds", str(args.env_rounds)], args.timeout)
+            res["env"] = run_worker(["env", str(n), args.tca or "", "--env-rounds", str(args.env_rounds)], args.timeout,
+                                    args.malloc)
             res["env_command"] = "python benchmarks/scale.py " + " ".join(sys.argv[1:] if argv is None else argv)
             print(f"  {res['env']['query_steps_per_s']:,.0f} query-steps/s", flush=True)
     else:
-        res = {"tca": [], "ca": [], "perceiver": [], "env": None,
+        res = {"tca": [], "ca": [], "perceiver": [], "env": None, "malloc": args.malloc,
                "checkpoints": {"tca": args.tca, "ca": args.ca, "perceiver": args.perceiver},
                "command": "python benchmarks/scale.py " + " ".join(sys.argv[1:] if argv is None else argv)}
         for lg in range(args.min_log2, args.max_log2 + 1):
             n = 2**lg
             print(f"N = 2^{lg}", flush=True)
-            r = run_worker(["tca", str(n), args.tca or "", "--repeats", str(args.repeats)], args.timeout)
+            r = run_worker(["tca", str(n), args.tca or "", "--repeats", str(args.repeats)], args.timeout, args.malloc)
             if r:
                 res["tca"].append(r)
                 print(f"  tca: build {r['build_s']:.2f} s, peak {r.get('build_peak_mib', 0):.0f} MiB, "
                       f"{r['query_us']:.2f} us/query, accuracy {r['accuracy']:.3f}", flush=True)
             if lg <= args.ca_max_log2:
                 r = run_worker(["ca", str(n), args.ca or "", "--repeats", str(args.repeats), "--acc-queries",
-                                str(args.acc_queries)], args.timeout)
+                                str(args.acc_queries)], args.timeout, args.malloc)
                 if r:
                     res["ca"].append(r)
                     print(f"  ca: {r['query_us']:.1f} us/query, accuracy {r['accuracy']:.3f}", flush=True)
             if args.perceiver:
                 r = run_worker(["perceiver", str(n), args.perceiver, "--repeats", "1", "--acc-queries",
-                                str(args.acc_queries)], args.timeout)
+                                str(args.acc_queries)], args.timeout, args.malloc)
                 if r:
                     res["perceiver"].append(r)
                     print(f"  perceiver: accuracy {r['accuracy']:.3f}", flush=True)
@@ -387,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
             n = 2**args.env_log2
             print(f"env: {QUERY_BATCH} envs over 2^{args.env_log2} tokens", flush=True)
             res["env"] = run_worker(["env", str(n), args.tca or "", "--env-rounds", str(args.env_rounds)],
-                                    args.timeout)
+                                    args.timeout, args.malloc)
             if res["env"]:
                 print(f"  {res['env']['query_steps_per_s']:,.0f} query-steps/s", flush=True)
     res = summarise(res)

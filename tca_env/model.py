@@ -360,8 +360,12 @@ class ReTreever(nn.Module):
             qe = self.query_pos_mlp(self.pos_drop(qe + sinusoidal(pt, self.cfg.d_model)))
         return qe
 
-    #: rows per embedding / aggregation call of a build without autograd (bounds its temporaries at large N)
-    build_chunk = 65536
+    #: rows per embedding / aggregation / projection call of a build without autograd, for contexts of more
+    #: than :attr:`build_unchunked_max` tokens in all: bounds its temporaries at large N, and at 4,096 rows they
+    #: stay in cache (the build at 2^20 is 1.5x faster than in chunks of 65,536). Smaller builds take one call
+    #: per level (as fast at B x N = 4 x 4,096, and fewer ops).
+    build_chunk = 4096
+    build_unchunked_max = 16384
 
     def build(self, batch: Batch, full: bool | None = None, lean: bool = False, chunk: int | None = None) -> Context:
         """The context side of :meth:`prepare`: embed, encode and (TCA) build the tree with every node's keys
@@ -372,14 +376,15 @@ class ReTreever(nn.Module):
                 default: when the decoder is "ca" or the model is training with lambda_CA > 0).
             lean: drop the encodings and the tree's embeddings once their keys and values exist (greedy
                 inference keeps only what the search and read-out use).
-            chunk: bound the build's temporaries to about this many rows (embedding and aggregation, without
-                autograd); None: :attr:`build_chunk` without autograd, else one call per level. Values do not
-                change.
+            chunk: bound the build's temporaries to about this many rows (embedding, aggregation and projections,
+                without autograd); None: :attr:`build_chunk` without autograd above :attr:`build_unchunked_max`
+                tokens, else one call per level. Values do not change.
         """
         c = self.cfg
         if full is None:
             full = c.decoder == "ca" or (c.decoder == "tca" and self.training and c.lambda_ca > 0)
-        if chunk is None and not torch.is_grad_enabled():
+        tokens = batch.xc.shape[0] * batch.xc.shape[1]
+        if chunk is None and not torch.is_grad_enabled() and tokens > self.build_unchunked_max:
             chunk = self.build_chunk
         self._check(batch)
         keep_enc = full or not lean or c.decoder == "perceiver"  # Perceiver IO's latents attend to the encodings

@@ -22,10 +22,29 @@ import torch
 import torch.nn.functional as F
 
 from .layers import masked_fill_value
-from .tree import Tree, TreeShape
+from .tree import Tree, TreeShape, gather_rows
 
 SEARCH_MODES = ("greedy", "sample")
 
+
+def _project_rows(project, parts: list[torch.Tensor], chunk: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``project`` of ``parts`` (``[B, n_i, D]`` each) concatenated along dim 1 -> keys, values ``[B, sum n_i, H, dh]``.
+
+    ``chunk``: at most this many rows per call, written into preallocated tables (the temporaries stay small
+    in cache; values do not change). None: one call.
+    """
+    B, total = parts[0].shape[0], sum(x.shape[1] for x in parts)
+    if chunk is None or B * total <= chunk:
+        return project(torch.cat(parts, 1) if len(parts) > 1 else parts[0])
+    step, nk, nv, r = max(1, chunk // B), None, None, 0
+    for x in parts:
+        for i in range(0, x.shape[1], step):
+            k_, v_ = project(x[:, i:i + step])
+            if nk is None:
+                nk, nv = k_.new_empty(B, total, *k_.shape[2:]), v_.new_empty(B, total, *v_.shape[2:])
+            nk[:, r:r + k_.shape[1]], nv[:, r:r + k_.shape[1]] = k_, v_
+            r += k_.shape[1]
+    return nk, nv
 
 
 @dataclass
@@ -58,47 +77,17 @@ class TreeKV:
         """Project with ``project(x [.., D]) -> (k, v) [.., H, dh]``; ``tok_kv`` reuses token projections.
 
         ``chunk``: project at most this many rows per call into preallocated tables (bounds the temporaries
-        at large N; values do not change). None: one projection of all the nodes.
+        at large N; values do not change). None: one projection of all the nodes and one of all the tokens.
         """
         shape = tree.shape
-        nodes = tree.nodes[1:]
-        if chunk is None or not nodes or nodes[0].shape[0] * shape.num_nodes <= chunk:
-            nk, nv = project(torch.cat(nodes, 1) if nodes else tree.tokens[:, :0])
-        else:
-            nk = nv = None
-            for level, x in enumerate(nodes, start=1):
-                B, n = x.shape[:2]
-                step_ = max(1, chunk // B)
-                for i in range(0, n, step_):
-                    k_, v_ = project(x[:, i:i + step_])
-                    if nk is None:
-                        nk = k_.new_empty(B, shape.num_nodes, *k_.shape[2:])
-                        nv = torch.empty_like(nk)
-                    r = shape.offset(level) + i
-                    nk[:, r:r + k_.shape[1]], nv[:, r:r + k_.shape[1]] = k_, v_
-        tk, tv = project(tree.tokens) if tok_kv is None else tok_kv
+        nk, nv = _project_rows(project, tree.nodes[1:] or [tree.tokens[:, :0]], chunk)
+        tk, tv = _project_rows(project, [tree.tokens], chunk) if tok_kv is None else tok_kv
         # Contiguous tables: every gather views a table as blocks of rows, which must not copy it.
         nk, nv, tk, tv = nk.contiguous(), nv.contiguous(), tk.contiguous(), tv.contiguous()
         padded = any(shape.padded(lvl) for lvl in range(1, shape.k + 1))
         node_mask = torch.cat(tree.node_mask[1:], 1) if padded else None
         tok_mask = None if shape.n == shape.num_slots else tree.token_mask
         return cls(shape, nk, nv, node_mask, tk, tv, tok_mask)
-
-
-def _gather_rows(table: torch.Tensor, idx: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``table [B, R, ...]``, ``idx [B, M, c]`` row indices -> ``[B, M, c, ...]`` (one flat index_select).
-
-    ``out`` is an optional flat workspace (no autograd) reused across calls: a fresh multi-MiB buffer per
-    gather costs more in page faults on a CPU than the gather itself (8x at L = 1,024).
-    """
-    B, R = table.shape[:2]
-    flat = (idx + (torch.arange(B, device=idx.device) * R).view(B, 1, 1)).reshape(-1)
-    src = table.reshape(B * R, -1)  # 2-D index_select is the fast path
-    if out is None:
-        rows = src.index_select(0, flat)
-    else:
-        rows = torch.index_select(src, 0, flat, out=out[: flat.numel() * src.shape[1]].view(-1, src.shape[1]))
-    return rows.view(*idx.shape, *table.shape[2:])
 
 
 def workspace(q: torch.Tensor, rows_per_query: int) -> torch.Tensor | None:
@@ -115,7 +104,7 @@ def gather_block(table: torch.Tensor, parent: torch.Tensor, c: int, out: torch.T
     all of them: a single index_select of ``c``-row blocks (into the workspace ``out`` when given).
     """
     B, R = table.shape[:2]
-    rows = _gather_rows(table.reshape(B, R // c, -1), parent.unsqueeze(-1), out)
+    rows = gather_rows(table.reshape(B, R // c, -1), parent.unsqueeze(-1), out)
     return rows.view(*parent.shape, c, *table.shape[2:])
 
 
@@ -381,8 +370,8 @@ class RetrievedSet:
     def embeddings(self, tree: Tree) -> torch.Tensor:
         """``[B, M, |S|, D]`` the embeddings of S (gathered; for inspection and tests)."""
         k = tree.shape.k
-        parts = [_gather_rows(tree.nodes[lvl], self.index[..., self.level == lvl]) for lvl in range(1, k + 1)]
-        parts.append(_gather_rows(tree.tokens, self.index[..., self.level == k + 1]))
+        parts = [gather_rows(tree.nodes[lvl], self.index[..., self.level == lvl]) for lvl in range(1, k + 1)]
+        parts.append(gather_rows(tree.tokens, self.index[..., self.level == k + 1]))
         return torch.cat(parts, dim=2)
 
 
@@ -397,11 +386,11 @@ def retrieved_set(tree: Tree, path: torch.Tensor) -> RetrievedSet:
         sib = path[..., s:s + 1] * b + sibling_positions(act, b)  # [B, M, b-1]
         levels.append(torch.full((b - 1,), s + 1, device=dev))
         idx.append(sib)
-        mask.append(_gather_rows(tree.node_mask[s + 1], sib))
+        mask.append(gather_rows(tree.node_mask[s + 1], sib))
     tok = bucket_index(shape, path[..., k])  # [B, M, P]
     levels.append(torch.full((shape.P,), k + 1, device=dev))
     idx.append(tok)
-    mask.append(_gather_rows(tree.token_mask, tok))
+    mask.append(gather_rows(tree.token_mask, tok))
     return RetrievedSet(torch.cat(levels), torch.cat(idx, -1), torch.cat(mask, -1))
 
 
@@ -433,7 +422,7 @@ def readout(kv: TreeKV, q: torch.Tensor, path: torch.Tensor, descent: Descent | 
             [child_scores(kv, q, s, path[..., s])[0] for s in range(k)]
         sib = sibling_logits(scores, pos)  # [B, M, k*(b-1), H]
         if kv.node_mask is not None:
-            sib = sib.masked_fill(~_gather_rows(kv.node_mask, sib_rows).unsqueeze(-1), masked_fill_value(q.dtype))
+            sib = sib.masked_fill(~gather_rows(kv.node_mask, sib_rows).unsqueeze(-1), masked_fill_value(q.dtype))
         logits = torch.cat([sib, tok_scores], 2)
     attn = _softmax(logits)  # [B, M, |S|, H]
     if dropout > 0:
@@ -442,7 +431,7 @@ def readout(kv: TreeKV, q: torch.Tensor, path: torch.Tensor, descent: Descent | 
     if sib_rows is None:
         return out
     if ws is None:  # autograd keeps the gathered values for the backward anyway: one gather for all levels
-        return out + _weighted(attn[:, :, :n], _gather_rows(kv.node_values, sib_rows))
+        return out + _weighted(attn[:, :, :n], gather_rows(kv.node_values, sib_rows))
     # Inference: the siblings' values one level at a time into the workspace (a loop over levels only), so
     # they never exist as [B, M, k*(b-1), H, dh]: at L = 4,096 that tensor made tca's peak inference memory
     # 1.9x ca's, against 1.1x this way. Same values, ~16 more ATen events per level (measured at k = 6).

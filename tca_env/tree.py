@@ -268,6 +268,22 @@ def aggregate(aggregator: Aggregator, x: torch.Tensor, mask: torch.Tensor | None
     return node, node_mask
 
 
+def gather_rows(table: torch.Tensor, idx: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``table [B, R, ...]``, ``idx [B, M, c]`` row indices -> ``[B, M, c, ...]`` (one flat index_select).
+
+    ``out`` is an optional flat workspace (no autograd) reused across calls: a fresh multi-MiB buffer per
+    gather costs more in page faults on a CPU than the gather itself (8x at L = 1,024).
+    """
+    B, R = table.shape[:2]
+    flat = (idx + (torch.arange(B, device=idx.device) * R).view(B, 1, 1)).reshape(-1)
+    src = table.reshape(B * R, -1)  # 2-D index_select is the fast path
+    if out is None:
+        rows = src.index_select(0, flat)
+    else:
+        rows = torch.index_select(src, 0, flat, out=out[: flat.numel() * src.shape[1]].view(-1, src.shape[1]))
+    return rows.view(*idx.shape, *table.shape[2:])
+
+
 def build_tree(enc: torch.Tensor, b: int, aggregator: Aggregator, ordering: str = "natural",
                coords: torch.Tensor | None = None, coord: int = 0, bptt: bool = False,
                chunk: int | None = None) -> Tree:
@@ -285,7 +301,8 @@ def build_tree(enc: torch.Tensor, b: int, aggregator: Aggregator, ordering: str 
         raise ValueError("empty batch: B = 0")
     shape = TreeShape(N, b)
     perm = order_tokens(coords, N, b, ordering, coord, batch_size=B)  # [B, N]
-    ordered = enc if ordering == "natural" else enc.gather(1, perm.unsqueeze(-1).expand(B, N, D))
+    # Rows by one flat index_select (a gather with an index expanded over D reads an index per element: ~7x slower).
+    ordered = enc if ordering == "natural" else gather_rows(enc, perm.unsqueeze(-1)).squeeze(2)
     if N == shape.num_slots:  # no padding: the slots are the ordered tokens (no copy)
         tokens = ordered
     else:
