@@ -383,10 +383,9 @@ class ReTreever(nn.Module):
         c = self.cfg
         if full is None:
             full = c.decoder == "ca" or (c.decoder == "tca" and self.training and c.lambda_ca > 0)
-        tokens = batch.xc.shape[0] * batch.xc.shape[1]
-        if chunk is None and not torch.is_grad_enabled() and tokens > self.build_unchunked_max:
-            chunk = self.build_chunk
         self._check(batch)
+        if chunk is None and not torch.is_grad_enabled() and batch.xc.shape[:2].numel() > self.build_unchunked_max:
+            chunk = self.build_chunk
         keep_enc = full or not lean or c.decoder == "perceiver"  # Perceiver IO's latents attend to the encodings
         ctx = Context(batch, None, None, None)
         if keep_enc:

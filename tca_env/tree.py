@@ -301,7 +301,8 @@ def build_tree(enc: torch.Tensor, b: int, aggregator: Aggregator, ordering: str 
         raise ValueError("empty batch: B = 0")
     shape = TreeShape(N, b)
     perm = order_tokens(coords, N, b, ordering, coord, batch_size=B)  # [B, N]
-    # Rows by one flat index_select (a gather with an index expanded over D reads an index per element: ~7x slower).
+    # Rows by one flat index_select: a gather with its index expanded over D reads an index per element (at 2^20,
+    # 1.5 s against 0.19 s in one profile).
     ordered = enc if ordering == "natural" else gather_rows(enc, perm.unsqueeze(-1)).squeeze(2)
     if N == shape.num_slots:  # no padding: the slots are the ordered tokens (no copy)
         tokens = ordered
