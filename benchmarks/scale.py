@@ -77,7 +77,9 @@ def load(decoder: str, checkpoint: str | None, n: int):
             raise SystemExit(f"{checkpoint} was trained on task {name!r}, not recall")
         if model.cfg.decoder != decoder:
             raise SystemExit(f"{checkpoint} holds a {model.cfg.decoder} model, given as --{decoder}")
-        opts = {k: v for k, v in opts.items() if k not in ("context_len", "min_context_len", "num_queries")}
+        # Exactly N, the unit cube: the training-only options (variable N, zoomed key boxes) dropped.
+        opts = {k: v for k, v in opts.items()
+                if k not in ("context_len", "min_context_len", "num_queries", "min_key_scale")}
     else:
         opts = {}
         task0 = make_task("recall", context_len=4096)

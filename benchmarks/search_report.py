@@ -56,7 +56,7 @@ def evaluate(model, task, sets: int, seed: int = 0) -> tuple[dict, torch.Tensor,
     model.eval()
     with torch.no_grad():
         for _ in range(sets):
-            batch = task.sample(1, gen)
+            batch = task.sample(1, gen, split=task.eval_splits[0])  # held-out sets (recall: no zoom)
             target = task.target_tokens(batch)
             if target is None:
                 raise ValueError(f"the {task.name!r} task does not say which context token answers a query")

@@ -59,7 +59,8 @@ def load_predictor(path: str | os.PathLike, device: str | torch.device = "cpu") 
 
 
 #: TrainConfig fields that are task constructor options
-TASK_OPTION_FIELDS = ("seq_len", "query_positions", "context_len", "min_context_len", "kernel", "source")
+TASK_OPTION_FIELDS = ("seq_len", "query_positions", "context_len", "min_context_len", "min_key_scale", "kernel",
+                      "source")
 
 
 def task_of(ckpt: dict[str, Any]) -> tuple[str, dict[str, Any]]:

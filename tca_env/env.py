@@ -62,7 +62,7 @@ def build_task_and_predictor(task: str | Task | None, task_options: dict[str, An
     brings the task it was trained on: ``task`` / ``task_options`` may be left out, and if given they must
     agree with it (a contradiction is an error naming both values): a predictor trained on another task
     size would hand out rewards at chance without a word. The exception is a task's ``size_options``
-    (the recall task's context_len, min_context_len, num_queries; GP's num_context, num_target): a
+    (the recall task's context_len, min_context_len, num_queries, min_key_scale; GP's num_context, num_target): a
     predictor may be run at other sizes, and sizes given replace all the trained ones.
     """
     if isinstance(predictor, str) and predictor == "fresh":

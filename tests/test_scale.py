@@ -111,11 +111,11 @@ def test_query_rejects_queries_of_the_wrong_shape():
         model.query(ctx, batch.xt[..., :2])
 
 
-@pytest.mark.parametrize("n,m", [(50, 20), (8, 30), (1000, 64)])
-def test_recall_samples_have_distinct_keys_and_right_answers(n, m):
+@pytest.mark.parametrize("n,m,zoom", [(50, 20, None), (8, 30, None), (1000, 64, None), (300, 40, 1e-3)])
+def test_recall_samples_have_distinct_keys_and_right_answers(n, m, zoom):
     """Brute force over all key pairs: keys are distinct within a set, every query is one of its set's keys,
-    its target is that key's value, and target_tokens finds it."""
-    task = make_task("recall", context_len=n, num_queries=m, num_classes=7)
+    its target is that key's value, and target_tokens finds it (also for keys zoomed into small boxes)."""
+    task = make_task("recall", context_len=n, num_queries=m, num_classes=7, min_key_scale=zoom)
     batch = task.sample(3, torch.Generator().manual_seed(5))
     assert batch.xc.shape == (3, n, 4) and batch.yc.shape == (3, n, 7) and batch.yt.shape == (3, m)
     same = (batch.xc[:, :, None] == batch.xc[:, None, :]).all(-1)  # [B, N, N]
@@ -127,6 +127,29 @@ def test_recall_samples_have_distinct_keys_and_right_answers(n, m):
     assert torch.equal(task.target_tokens(batch), idx)
     if m <= n:  # queries are distinct keys
         assert all(len(set(row.tolist())) == m for row in idx)
+
+
+def test_recall_zoom_draws_training_keys_in_small_boxes_and_evaluation_keys_in_the_unit_cube():
+    """min_key_scale: each training set's keys fill a box of side in [min_key_scale, 1] inside the unit cube,
+    the sides spread log-uniformly (the bounding box of 2,000 uniform keys is within 0.5% of the box); the
+    evaluation split ignores it."""
+    task = make_task("recall", context_len=2000, num_queries=8, min_key_scale=0.01)
+    train = task.sample(200, torch.Generator().manual_seed(0))
+    lo, hi = train.xc.amin(1), train.xc.amax(1)  # [B, d] bounding box per set
+    side = (hi - lo).amax(-1)
+    assert (lo >= 0).all() and (hi < 1).all() and (side >= 0.01 * 0.99).all() and (side <= 1).all()
+    assert torch.allclose(hi - lo, side.unsqueeze(-1).expand_as(lo), rtol=0.02)  # a cube, not a slab
+    logs = side.log10()  # log-uniform in [-2, 0]: about a quarter of the sets per half-decade
+    for a in (-2.0, -1.5, -1.0, -0.5):
+        share = float(((logs >= a) & (logs < a + 0.5)).float().mean())
+        assert 0.15 < share < 0.35, (a, share)
+    test = task.sample(20, torch.Generator().manual_seed(0), split="test")
+    assert ((test.xc.amax(1) - test.xc.amin(1)) > 0.99).all()
+    plain = make_task("recall", context_len=2000, num_queries=8).sample(20, torch.Generator().manual_seed(0))
+    assert ((plain.xc.amax(1) - plain.xc.amin(1)) > 0.99).all()  # no zoom by default
+    for bad in (0.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match="min_key_scale"):
+            make_task("recall", context_len=10, min_key_scale=bad)
 
 
 def test_recall_variable_context_and_bad_options():

@@ -38,6 +38,9 @@ class TrainConfig:
                                   "min_context_len in --task-args).")
     min_context_len: int | None = opt(None, "Recall task: smallest N; each batch then draws N log-uniformly in "
                                       "[min_context_len, context_len].")
+    min_key_scale: float | None = opt(None, "Recall task, training sets only: each set's keys fill a random box "
+                                      "of side log-uniform in [min_key_scale, 1] (zoom), so small N also shows "
+                                      "the key spacings of far larger contexts; evaluation keeps the unit cube.")
     kernel: str | None = opt(None, "GP task: training kernel (rbf or matern52).")
     source: str | None = opt(None, "Data source of the images / activity tasks (e.g. synthetic: no data package).")
     # --- model (None: task / paper default)
@@ -121,6 +124,8 @@ class TrainConfig:
             out["context_len"] = self.context_len
         if self.min_context_len is not None:
             out["min_context_len"] = self.min_context_len
+        if self.min_key_scale is not None:
+            out["min_key_scale"] = self.min_key_scale
         if self.kernel is not None:
             out["kernel"] = self.kernel
         if self.source is not None:

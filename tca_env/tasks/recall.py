@@ -11,6 +11,14 @@ whose box holds the query (:meth:`RecallTask.target_tokens`).
 ``min_context_len`` makes N vary: each batch draws N log-uniformly in ``[min_context_len, context_len]``
 (one N per batch, as the GP task does); the ``cpu`` preset trains so at N <= 1,024, for evaluation at up to
 N = 2^20 (``benchmarks/scale.py``).
+
+``min_key_scale`` (training sets only) zooms: each training set's keys fill a random box of side s, drawn
+log-uniformly in ``[min_key_scale, 1]`` and placed uniformly in the unit cube, so training at small N also
+sees the key spacings that only far larger contexts have. Why: below the top levels, a context of 2^20 keys
+is a tree of small contexts whose keys fill small boxes (the subtrees of 1,024 keys have side
+2^-2.5 ~ 0.18), and a model trained on the unit cube at N = 1,024 routes such a box badly (76% accuracy on
+the unit cube, 30% on the same 1,024 keys shrunk into a box of side 0.25, in one measurement). Evaluation
+splits (``split != "train"``) always draw from the unit cube.
 """
 
 from __future__ import annotations
@@ -34,15 +42,19 @@ class RecallTask(Task):
     sequential = False
     # No context encoder (a quadratic one cannot run at N = 2^20), and Fourier features of the keys.
     model_defaults = {"encoder": "constant", "fourier_octaves": 8}
-    size_options = ("context_len", "min_context_len", "num_queries")
+    # Options a trained predictor may be run with at other values (the training-only distribution options
+    # min_context_len and min_key_scale are dropped when sizes are given: the env then serves exactly N).
+    size_options = ("context_len", "min_context_len", "num_queries", "min_key_scale")
 
     def __init__(self, context_len: int = 1024, num_queries: int = 64, key_dim: int = 4, num_classes: int = 10,
-                 min_context_len: int | None = None):
+                 min_context_len: int | None = None, min_key_scale: float | None = None):
         if context_len < 2:
             raise ValueError(f"recall task: context_len must be >= 2; got {context_len}")
         if min_context_len is not None and not 2 <= min_context_len <= context_len:
             raise ValueError(f"recall task: min_context_len must lie in [2, context_len = {context_len}]; "
                              f"got {min_context_len}")
+        if min_key_scale is not None and not 0 < min_key_scale <= 1:
+            raise ValueError(f"recall task: min_key_scale must lie in (0, 1]; got {min_key_scale}")
         if num_queries < 1:
             raise ValueError(f"recall task: num_queries must be >= 1; got {num_queries}")
         if key_dim < 1:
@@ -51,6 +63,7 @@ class RecallTask(Task):
             raise ValueError(f"recall task: num_classes must be >= 2; got {num_classes}")
         self.context_len, self.min_context_len = context_len, min_context_len
         self.num_queries = num_queries
+        self.min_key_scale = min_key_scale
         # Instance attributes shadow the class defaults: the model is built from these.
         self.x_dim, self.y_dim, self.out_dim = key_dim, num_classes, num_classes
 
@@ -71,12 +84,17 @@ class RecallTask(Task):
         if batch_size <= 0:
             raise ValueError(f"recall task: batch_size must be positive; got {batch_size}")
         n, m = self.draw_n(generator), self.num_queries
-        keys = torch.rand(batch_size, n, self.x_dim, generator=generator)  # [B, N, d]
+        zoom = None
+        if split == "train" and self.min_key_scale is not None and self.min_key_scale < 1:
+            side = self.min_key_scale ** torch.rand(batch_size, 1, 1, generator=generator)  # log-uniform in [min, 1]
+            zoom = (torch.rand(batch_size, 1, self.x_dim, generator=generator) * (1 - side), side)
+        keys = self._keys(torch.rand(batch_size, n, self.x_dim, generator=generator), zoom)  # [B, N, d]
         while True:  # distinct keys (a repeat is astronomically rare; redraw the set if one occurs)
             dup = _repeated_rows(keys)
             if not bool(dup.any()):
                 break
-            keys[dup] = torch.rand(int(dup.sum()), n, self.x_dim, generator=generator)
+            redraw = torch.rand(int(dup.sum()), n, self.x_dim, generator=generator)
+            keys[dup] = self._keys(redraw, None if zoom is None else (zoom[0][dup], zoom[1][dup]))
         values = torch.randint(0, self.out_dim, (batch_size, n), generator=generator)  # [B, N]
         if m <= n:  # distinct queries: the first M of a random permutation per set
             target = torch.rand(batch_size, n, generator=generator).argsort(1)[:, :m]
@@ -87,6 +105,11 @@ class RecallTask(Task):
         # Which context token each query needs is not stored in the batch: it is found again by exact
         # key match (target_tokens), so a batch built by hand works too.
         return Batch(xc=keys, yc=F.one_hot(values, self.out_dim).float(), xt=xt, yt=yt).to(device)
+
+    @staticmethod
+    def _keys(unit: torch.Tensor, zoom: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        """Keys from uniform draws ``unit [B, N, d]``: the unit cube, or each set's box ``(corner, side)``."""
+        return unit if zoom is None else zoom[0] + zoom[1] * unit
 
     def target_tokens(self, batch: Batch) -> torch.Tensor:
         """The context token holding each query's key: ``[B, M]`` (found by sorting, O((N + M) log N))."""
