@@ -11,6 +11,11 @@ probability below 1% (confident errors, which REINFORCE hardly corrects).
     python benchmarks/search_report.py results/scale/saved/recall-tca-run/checkpoint.pt --context-len 1024 65536
     python benchmarks/search_report.py results/copy/saved/copy1024-tca-nodrop/checkpoint.pt --sets 16
 
+``--key-box 1 0.5 0.25`` (recall) also reports each N with every set's keys shrunk into a random box of that
+side: N keys in a box of side s are spaced like N / s^4 keys in the unit cube, as inside the subtrees of a
+far larger context (those of 1,024 keys at N = 2^20 have side 2^-2.5 ~ 0.18). A model that routes by
+coarse key features loses accuracy as the box shrinks at fixed N; one that generalises to large N must not.
+
 Each context set is built and searched on its own (a batch of one), so N = 2^20 fits in a few GiB.
 """
 
@@ -25,13 +30,14 @@ import torch
 from tca_env import search as S
 from tca_env.checkpoint import load_predictor, task_of
 from tca_env.diagnostics import describe, right_child_probs, search_paths, search_report
-from tca_env.tasks import make_task
+from tca_env.tasks import Batch, make_task
 
 
 def report(ckpt: str, context_len: int | None = None, sets: int = 4, queries: int | None = None,
-           seed: int = 0) -> dict:
+           seed: int = 0, key_box: float | None = None) -> dict:
     """The search report of checkpoint ``ckpt`` over ``sets`` fixed-seed context sets of its task, at
-    ``context_len`` tokens where the task has that size option (recall), with ``queries`` per set."""
+    ``context_len`` tokens where the task has that size option (recall), with ``queries`` per set;
+    ``key_box``: recall keys shrunk into a random box of that side."""
     model, state = load_predictor(ckpt, "cpu")
     if model.cfg.decoder != "tca":
         raise ValueError(f"{ckpt} holds a {model.cfg.decoder!r} model; the search report needs a tca model")
@@ -43,20 +49,27 @@ def report(ckpt: str, context_len: int | None = None, sets: int = 4, queries: in
     task = make_task(name, **options)
     if context_len is not None and getattr(task, "context_len", None) != context_len:
         raise ValueError(f"the {name!r} task has no context_len option: --context-len applies to recall")
-    out, _, n = evaluate(model, task, sets, seed)
-    return {"checkpoint": ckpt, "task": name, "context_len": n, "sets": sets, "seed": seed, **out}
+    if key_box is not None and (name != "recall" or not 0 < key_box <= 1):
+        raise ValueError(f"--key-box needs the recall task and a side in (0, 1]; got {name!r}, {key_box}")
+    out, _, n = evaluate(model, task, sets, seed, key_box)
+    box = {} if key_box is None else {"key_box": key_box}
+    return {"checkpoint": ckpt, "task": name, "context_len": n, "sets": sets, "seed": seed, **box, **out}
 
 
-def evaluate(model, task, sets: int, seed: int = 0) -> tuple[dict, torch.Tensor, int]:
+def evaluate(model, task, sets: int, seed: int = 0, key_box: float | None = None) -> tuple[dict, torch.Tensor, int]:
     """The search report (with the confident errors) of ``model`` in eval mode over ``sets`` context sets of
     ``task`` drawn from ``seed``, each built and searched alone; also the policy's probability of the right
     child ``[sets, M, k]`` and the sets' N."""
     gen = torch.Generator().manual_seed(seed)
+    box_gen = torch.Generator().manual_seed(seed + 1)  # its own stream: the same sets in every box
     rights, corrects, p_rights, n = [], [], [], None
     model.eval()
     with torch.no_grad():
         for _ in range(sets):
             batch = task.sample(1, gen, split=task.eval_splits[0])  # held-out sets (recall: no zoom)
+            if key_box is not None:  # the same keys in a random box of side key_box (queries stay keys)
+                corner = torch.rand(1, 1, batch.xc.shape[-1], generator=box_gen) * (1 - key_box)
+                batch = Batch(corner + key_box * batch.xc, batch.yc, corner + key_box * batch.xt, batch.yt)
             target = task.target_tokens(batch)
             if target is None:
                 raise ValueError(f"the {task.name!r} task does not say which context token answers a query")
@@ -82,12 +95,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--queries", type=int, default=None,
                    help="Queries per set (recall's num_queries; default: as trained).")
     p.add_argument("--seed", type=int, default=0, help="Seed of the context sets.")
+    p.add_argument("--key-box", type=float, nargs="*", default=None,
+                   help="Recall: also report every N with the keys shrunk into a random box of each side given "
+                        "(0 < side <= 1; 1 is the plain task): how the search copes with finer key spacings.")
     p.add_argument("--json", default=None, help="Also write the reports to this JSON file.")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    rows = [report(args.checkpoint, n, args.sets, args.queries, args.seed) for n in (args.context_len or [None])]
+    rows = [report(args.checkpoint, n, args.sets, args.queries, args.seed, box)
+            for n in (args.context_len or [None]) for box in (args.key_box or [None])]
     for r in rows:
-        print(f"N = {r['context_len']:,}")
+        print(f"N = {r['context_len']:,}" + (f", keys in a box of side {r['key_box']}" if "key_box" in r else ""))
         print("\n".join("  " + line for line in describe(r)))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))

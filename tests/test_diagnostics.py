@@ -170,6 +170,15 @@ def test_search_report_script_on_a_saved_recall_model(tmp_path):
     assert row["context_len"] == 100 and row["queries"] == 20 and row["task"] == "recall"
     assert row["levels"] == len(row["routing_per_level"]) == len(row["first_wrong_level_share"])
     assert 0 <= row["leaf_hit"] <= 1 and 0 <= row["accuracy"] <= 1
+    # --key-box: the same sets per side; side 1 is the plain task, a box of side 1e-3 other keys and answers
+    assert search_report_main([str(ckpt), "--context-len", "100", "--sets", "2", "--queries", "10",
+                               "--key-box", "1", "0.001", "--json", str(out)]) == 0
+    plain, tiny = json.loads(out.read_text())
+    assert plain["key_box"] == 1 and tiny["key_box"] == 0.001
+    assert {k: v for k, v in plain.items() if k != "key_box"} == row
+    assert tiny["queries"] == 20 and tiny["routing_per_level"] != row["routing_per_level"]
+    with pytest.raises(ValueError, match="key-box"):
+        search_report_main([str(ckpt), "--key-box", "2"])
 
 
 def test_routing_probe_teacher_forcing_raises_the_right_paths_probability(tmp_path):
