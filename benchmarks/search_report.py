@@ -6,7 +6,9 @@ bucket holds their token (leaf hit), the routing accuracy at each level among th
 right path, and the accuracy of the queries whose leaf is right and of the others. A model whose accuracy
 on hits is high and whose leaf hit is low is limited by its search, not by its read-out. For the errors it
 also gives how sure the policy was: the share of each level's errors made with the right child's
-probability below 1% (confident errors, which REINFORCE hardly corrects).
+probability below 1% (confident errors, which REINFORCE hardly corrects), and for k-d trees (recall) how
+many lie within 2% of the parent cell's extent from the split they got wrong, against all queries: errors
+crowded at the splits mean the node embeddings place each split imprecisely rather than not at all.
 
     python benchmarks/search_report.py results/scale/saved/recall-tca-run/checkpoint.pt --context-len 1024 65536
     python benchmarks/search_report.py results/copy/saved/copy1024-tca-nodrop/checkpoint.pt --sets 16
@@ -29,7 +31,7 @@ import torch
 
 from tca_env import search as S
 from tca_env.checkpoint import load_predictor, task_of
-from tca_env.diagnostics import describe, right_child_probs, search_paths, search_report
+from tca_env.diagnostics import describe, right_child_probs, search_paths, search_report, split_margins
 from tca_env.tasks import Batch, make_task
 
 
@@ -59,10 +61,12 @@ def report(ckpt: str, context_len: int | None = None, sets: int = 4, queries: in
 def evaluate(model, task, sets: int, seed: int = 0, key_box: float | None = None) -> tuple[dict, torch.Tensor, int]:
     """The search report (with the confident errors) of ``model`` in eval mode over ``sets`` context sets of
     ``task`` drawn from ``seed``, each built and searched alone; also the policy's probability of the right
-    child ``[sets, M, k]`` and the sets' N."""
+    child ``[sets, M, k]`` and the sets' N. Trees of the k-d ordering also report how near the splits the
+    errors lie (:func:`~tca_env.diagnostics.split_margins`)."""
+    kd = model.cfg.ordering == "kd"
     gen = torch.Generator().manual_seed(seed)
     box_gen = torch.Generator().manual_seed(seed + 1)  # its own stream: the same sets in every box
-    rights, corrects, p_rights, n = [], [], [], None
+    rights, corrects, p_rights, margins, n = [], [], [], [], None
     model.eval()
     with torch.no_grad():
         for _ in range(sets):
@@ -80,10 +84,13 @@ def evaluate(model, task, sets: int, seed: int = 0, key_box: float | None = None
             rights.append(search_paths(ctx, target, path)[0])
             corrects.append(pred.argmax(-1) == batch.yt)
             p_rights.append(right_child_probs(ctx, target))
+            if kd:
+                margins.append(split_margins(ctx.tree, batch.xc, target, batch.xt))
             n = batch.N
             del ctx
     p_right = torch.cat(p_rights)
-    return search_report(torch.cat(rights), torch.cat(corrects), p_right), p_right, n
+    margin = torch.cat(margins) if kd else None
+    return search_report(torch.cat(rights), torch.cat(corrects), p_right, margin), p_right, n
 
 
 def main(argv: list[str] | None = None) -> int:

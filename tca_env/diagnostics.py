@@ -79,12 +79,60 @@ def right_child_probs(ctx, target: torch.Tensor) -> torch.Tensor:
                             .gather(-1, actions[..., s:s + 1]).squeeze(-1).exp() for s in range(ctx.kv.shape.k)], -1)
 
 
+def split_margins(tree, coords: torch.Tensor, target: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+    """How close each query lies to the split it must get right, at every level of a k-d tree: ``[B, M, k]``.
+
+    In a tree of the ``"kd"`` ordering, the tokens of a node at level l - 1 are sorted along coordinate
+    ``(l - 1) % dx`` and dealt to its children in order, so the split between two neighbouring children lies
+    between the largest coordinate of one and the smallest of the next (its boundary: their midpoint). Entry
+    l - 1 is the distance of the query's coordinate to the nearest boundary of the right child at level l
+    (the child holding the token it needs), divided by the extent of the right parent along that coordinate.
+    Errors far from every boundary (margin near 0.25 on average) say the node embeddings do not encode the
+    cell; errors at margins near 0 say they encode it but place the split imprecisely.
+
+    Args:
+        tree: the context's :class:`~tca_env.tree.Tree` (``model.prepare(batch).tree``), built with the kd ordering.
+        coords: ``[B, N, dx]`` the coordinates the ordering used (``batch.xc``).
+        target: ``[B, M]`` the token each query needs; queries: ``[B, M, dx]`` the query coordinates.
+    """
+    shape, B = tree.shape, tree.perm.shape[0]
+    b, k = shape.b, shape.k
+    dx = coords.shape[-1]
+    right = ancestors(tree, target)  # [B, M, k+1]
+    ordered = coords.gather(1, tree.perm.unsqueeze(-1).expand(-1, -1, dx))  # [B, N, dx] in slot order
+    real = coords.new_zeros(B, shape.num_slots, dtype=torch.bool)
+    real[:, shape.slot_index(coords.device)] = True
+    slot = coords.new_zeros(B, shape.num_slots, dx)
+    slot[:, shape.slot_index(coords.device)] = ordered
+    out = []
+    for lv in range(1, k + 1):  # a loop over levels only
+        c = (lv - 1) % dx
+        x = slot[..., c].reshape(B, b**lv, -1)  # [B, nodes at lv, slots under each]
+        m = real.reshape(B, b**lv, -1)
+        lo = x.masked_fill(~m, float("inf")).amin(-1)  # [B, b^lv] each child's smallest coordinate
+        hi = x.masked_fill(~m, float("-inf")).amax(-1)
+        child = right[..., lv]  # [B, M]
+        first = child - child % b  # the right parent's first child
+        ext = hi.gather(1, first + b - 1) - lo.gather(1, first)  # children are sorted along c: the parent's extent
+        xq = queries[..., c]
+        dist = torch.full_like(xq, float("inf"))
+        has_left, has_right = child % b > 0, child % b < b - 1
+        left_b = (hi.gather(1, (child - 1).clamp_min(0)) + lo.gather(1, child)) / 2
+        right_b = (hi.gather(1, child) + lo.gather(1, (child + 1).clamp_max(b**lv - 1))) / 2
+        dist = torch.where(has_left, (xq - left_b).abs(), dist)
+        dist = torch.where(has_right, torch.minimum(dist, (xq - right_b).abs()), dist)
+        out.append(dist / ext.clamp_min(torch.finfo(ext.dtype).tiny))
+    return torch.stack(out, -1)
+
+
 #: a level's error counts as confident when the policy gave the right child less than this
 CONFIDENT = 0.01
+#: a query lies near its split when its margin (:func:`split_margins`) is below this share of the parent's extent
+NEAR_SPLIT = 0.02
 
 
 def search_report(right: torch.Tensor, correct: torch.Tensor | None = None,
-                  p_right: torch.Tensor | None = None) -> dict:
+                  p_right: torch.Tensor | None = None, margin: torch.Tensor | None = None) -> dict:
     """Summary of :func:`search_paths`' ``right [B, M, k+1]``, with the per-query ``correct [B, M]`` and the
     policy's ``p_right [B, M, k]`` (:func:`right_child_probs`) if given.
 
@@ -94,7 +142,10 @@ def search_report(right: torch.Tensor, correct: torch.Tensor | None = None,
     token's ancestors at l); ``accuracy``, ``accuracy_if_hit`` and ``accuracy_if_missed`` (NaN where no
     query falls in the group); with ``p_right``: ``confident_errors_per_level`` (level l: of the queries
     that first go wrong at l, the share whose right child had probability below :data:`CONFIDENT`) and
-    ``p_right_when_wrong_per_level`` (their median probability of the right child).
+    ``p_right_when_wrong_per_level`` (their median probability of the right child); with ``margin [B, M, k]``
+    (:func:`split_margins`): ``near_split_errors_per_level`` (level l: of the queries that first go wrong at
+    l, the share within :data:`NEAR_SPLIT` of the split) and ``near_split_all_per_level`` (the same share of
+    all queries right at every level above l): boundary errors when the first is far above the second.
     """
     k = right.shape[-1] - 1
     hit = right.all(-1)
@@ -122,6 +173,13 @@ def search_report(right: torch.Tensor, correct: torch.Tensor | None = None,
             conf.append((p < CONFIDENT).float().mean().item() if p.numel() else float("nan"))
             med.append(p.median().item() if p.numel() else float("nan"))
         out.update(confident_errors_per_level=conf, p_right_when_wrong_per_level=med)
+    if margin is not None:
+        near_err, near_all = [], []
+        for lv in range(1, k + 1):
+            err, reach = margin[..., lv - 1][first_wrong == lv], margin[..., lv - 1][above[..., lv - 1]]
+            near_err.append((err < NEAR_SPLIT).float().mean().item() if err.numel() else float("nan"))
+            near_all.append((reach < NEAR_SPLIT).float().mean().item() if reach.numel() else float("nan"))
+        out.update(near_split_errors_per_level=near_err, near_split_all_per_level=near_all)
     return out
 
 
@@ -140,4 +198,8 @@ def describe(report: dict) -> list[str]:
     if "confident_errors_per_level" in report:
         lines.append(f"of those errors, the share made with p(right child) < {CONFIDENT:g}, level 1..k: "
                      + pct(f"{100 * a:.0f}" for a in report["confident_errors_per_level"]))
+    if "near_split_errors_per_level" in report:
+        lines.append(f"share within {NEAR_SPLIT:g} of the split (of the parent's extent), level 1..k: errors "
+                     + pct(f"{100 * a:.0f}" for a in report["near_split_errors_per_level"]) + "; all queries "
+                     + pct(f"{100 * a:.0f}" for a in report["near_split_all_per_level"]))
     return lines

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tca_env import search as S
-from tca_env.diagnostics import CONFIDENT, right_child_probs, search_paths, search_report
+from tca_env.diagnostics import CONFIDENT, NEAR_SPLIT, right_child_probs, search_paths, search_report, split_margins
 from tca_env.model import ModelConfig, ReTreever
 from tca_env.tasks import make_task
 
@@ -194,3 +194,52 @@ def test_routing_probe_teacher_forcing_raises_the_right_paths_probability(tmp_pa
     assert [r["step"] for r in rows] == [0, 20, 40]
     assert all(r["levels"] == 4 == len(r["routing_per_level"]) for r in rows)  # N = 32, b = 2: P = 2, k = 4
     assert rows[-1]["right_path_log_prob"] > rows[0]["right_path_log_prob"] + 0.5
+
+
+@pytest.mark.parametrize("n,b", [(64, 2), (37, 2), (100, 3)])
+def test_split_margins_against_the_cells_of_the_kd_tree(n, b):
+    """split_margins against a brute force over the real tokens under every node: the query's distance to the
+    midpoint between neighbouring children's coordinates along the level's split axis, over the parent's extent;
+    and search_report's near-split shares from it."""
+    task = make_task("recall", context_len=n, num_queries=12)
+    torch.manual_seed(0)
+    model = ReTreever(ModelConfig.for_task(task, branch=b, **SMALL)).eval()
+    batch = task.sample(2, torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ctx = model.prepare(batch)
+    target = task.target_tokens(batch)
+    margin = split_margins(ctx.tree, batch.xc, target, batch.xt)
+    shape, slots, real = ctx.tree.shape, ctx.tree.token_index, ctx.tree.token_mask
+    assert margin.shape == (2, 12, shape.k)
+
+    def coords_under(i, lv, node, c):
+        w = shape.P * b ** (shape.k - lv)
+        sl = [t for t in range(w * node, w * (node + 1)) if real[i, t]]
+        return [float(batch.xc[i, slots[i, t], c]) for t in sl]
+
+    for i in range(2):
+        for j in range(12):
+            slot = int((slots[i] == target[i, j]).logical_and(real[i]).nonzero()[0])
+            for lv in range(1, shape.k + 1):
+                c = (lv - 1) % batch.xc.shape[-1]
+                child = slot // (shape.P * b ** (shape.k - lv))
+                parent_first = child - child % b
+                cells = [coords_under(i, lv, parent_first + t, c) for t in range(b)]
+                ext = max(max(x) for x in cells) - min(min(x) for x in cells)
+                xq, pos = float(batch.xt[i, j, c]), child % b
+                bounds = [(max(cells[t - 1]) + min(cells[t])) / 2 for t in (pos,) if t > 0] + \
+                         [(max(cells[t]) + min(cells[t + 1])) / 2 for t in (pos,) if t < b - 1]
+                assert max(cells[pos - 1]) <= min(cells[pos]) if pos > 0 else True  # sorted children
+                expect = min(abs(xq - x) for x in bounds) / ext
+                assert abs(float(margin[i, j, lv - 1]) - expect) < 1e-5, (i, j, lv)
+    right, _ = search_paths(ctx, target)
+    rep = search_report(right, None, None, margin)
+    first_wrong = torch.where(right, shape.k + 1, torch.arange(shape.k + 1)).amin(-1)
+    above = right.cummin(-1).values
+    for lv in range(1, shape.k + 1):
+        reach = margin[..., lv - 1][above[..., lv - 1]]
+        got = rep["near_split_all_per_level"][lv - 1]
+        assert (got != got) if reach.numel() == 0 else got == pytest.approx(float((reach < NEAR_SPLIT).float().mean()))
+        err = margin[..., lv - 1][first_wrong == lv]
+        got = rep["near_split_errors_per_level"][lv - 1]
+        assert (got != got) if err.numel() == 0 else got == pytest.approx(float((err < NEAR_SPLIT).float().mean()))
