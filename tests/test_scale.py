@@ -220,16 +220,19 @@ def test_a_trained_recall_predictor_runs_at_other_context_sizes(tmp_path, capsys
     from training.config import build_config
     from training.cotrain import Trainer
 
-    cfg = build_config(task="recall", context_len=64, min_context_len=8, d_model=16, nhead=2, dim_ff=32,
+    cfg = build_config(task="recall", context_len=64, min_context_len=8, min_key_scale=0.1, d_model=16, nhead=2, dim_ff=32,
                        emb_depth=2, steps=2, batch_size=2, eval_size=4, eval_batch=2, eval_every=0,
                        progress=False, run_dir=str(tmp_path / "run"))
     Trainer(cfg).fit()
     ckpt = str(tmp_path / "run" / "checkpoint.pt")
+    from tca_env.checkpoint import task_of
+    assert task_of(torch.load(ckpt, weights_only=False))[1]["min_key_scale"] == 0.1
     env = gym.make_vec("TreeRetrieval-v0", num_envs=32, vectorization_mode="vector_entry_point", task="recall",
                        task_options={"context_len": 1000, "num_queries": 32}, predictor=ckpt)
     env.reset(seed=0)
     q = env.unwrapped.queries
     assert q.batch.N == 1000 and q.k == 9
+    assert q.task.min_key_scale is None and q.task.min_context_len is None  # sizes given: exactly N, unit cube
     tree, target, P = q.ctx.tree, q.task.target_tokens(q.batch)[0], q.shape.P  # before the autoreset
     for _ in range(9):
         obs, reward, term, trunc, info = env.step(q.correct_actions().numpy())
