@@ -220,8 +220,8 @@ def test_a_trained_recall_predictor_runs_at_other_context_sizes(tmp_path, capsys
     from training.config import build_config
     from training.cotrain import Trainer
 
-    cfg = build_config(task="recall", context_len=64, min_context_len=8, min_key_scale=0.1, d_model=16, nhead=2, dim_ff=32,
-                       emb_depth=2, steps=2, batch_size=2, eval_size=4, eval_batch=2, eval_every=0,
+    cfg = build_config(task="recall", context_len=64, min_context_len=8, min_key_scale=0.1, d_model=16, nhead=2,
+                       dim_ff=32, emb_depth=2, steps=2, batch_size=2, eval_size=4, eval_batch=2, eval_every=0,
                        progress=False, run_dir=str(tmp_path / "run"))
     Trainer(cfg).fit()
     ckpt = str(tmp_path / "run" / "checkpoint.pt")
