@@ -69,6 +69,7 @@ def load(decoder: str, checkpoint: str | None, n: int):
     from tca_env.checkpoint import load_predictor, task_of
     from tca_env.model import ModelConfig, ReTreever
     from tca_env.tasks import make_task
+    from tca_env.tasks.recall import RecallTask
 
     if checkpoint:
         model, ckpt = load_predictor(checkpoint, "cpu")
@@ -77,9 +78,8 @@ def load(decoder: str, checkpoint: str | None, n: int):
             raise SystemExit(f"{checkpoint} was trained on task {name!r}, not recall")
         if model.cfg.decoder != decoder:
             raise SystemExit(f"{checkpoint} holds a {model.cfg.decoder} model, given as --{decoder}")
-        # Exactly N, the unit cube: the training-only options (variable N, zoomed key boxes) dropped.
-        opts = {k: v for k, v in opts.items()
-                if k not in ("context_len", "min_context_len", "num_queries", "min_key_scale")}
+        # Exactly N in the unit cube: the task's size and training-distribution options (variable N, zoom) dropped.
+        opts = {k: v for k, v in opts.items() if k not in RecallTask.size_options}
     else:
         opts = {}
         task0 = make_task("recall", context_len=4096)

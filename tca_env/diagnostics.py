@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from . import search as S
+from .tree import gather_rows
 
 
 def search_paths(ctx, target: torch.Tensor, path: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,11 +100,8 @@ def split_margins(tree, coords: torch.Tensor, target: torch.Tensor, queries: tor
     b, k = shape.b, shape.k
     dx = coords.shape[-1]
     right = ancestors(tree, target)  # [B, M, k+1]
-    ordered = coords.gather(1, tree.perm.unsqueeze(-1).expand(-1, -1, dx))  # [B, N, dx] in slot order
-    real = coords.new_zeros(B, shape.num_slots, dtype=torch.bool)
-    real[:, shape.slot_index(coords.device)] = True
-    slot = coords.new_zeros(B, shape.num_slots, dx)
-    slot[:, shape.slot_index(coords.device)] = ordered
+    real = tree.token_mask  # [B, slots] real (not padding)
+    slot = gather_rows(coords, tree.token_index.clamp_min(0).unsqueeze(-1)).squeeze(2)  # [B, slots, dx]
     out = []
     for lv in range(1, k + 1):  # a loop over levels only
         c = (lv - 1) % dx

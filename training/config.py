@@ -11,6 +11,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
 from agents import AGENT_NAMES
+from tca_env.checkpoint import TASK_OPTION_FIELDS
 from tca_env.model import BASELINES, DECODERS, ENCODERS, ModelConfig
 from tca_env.tasks import ORDERINGS, REWARDS, TASKS, Task, make_task
 from tca_env.tasks.copy import CopyTask
@@ -116,20 +117,7 @@ class TrainConfig:
 
     def task_options(self) -> dict[str, Any]:
         out: dict[str, Any] = _json_object(self.task_args, "--task-args")
-        if self.seq_len is not None:
-            out["seq_len"] = self.seq_len
-        if self.query_positions is not None:
-            out["query_positions"] = self.query_positions
-        if self.context_len is not None:
-            out["context_len"] = self.context_len
-        if self.min_context_len is not None:
-            out["min_context_len"] = self.min_context_len
-        if self.min_key_scale is not None:
-            out["min_key_scale"] = self.min_key_scale
-        if self.kernel is not None:
-            out["kernel"] = self.kernel
-        if self.source is not None:
-            out["source"] = self.source
+        out.update({k: getattr(self, k) for k in TASK_OPTION_FIELDS if getattr(self, k) is not None})
         return out
 
     def agent_kwargs(self) -> dict[str, Any]:
