@@ -102,12 +102,20 @@ def work_tca(n: int, checkpoint: str | None, repeats: int) -> dict:
     """Build time and peak memory, per-query greedy time, end to end for M = 1,024 and N/2, accuracy."""
     import torch
 
+    from tca_env import backend
     from tca_env.tasks import Batch
 
     model, task = load("tca", checkpoint, n)
     batch = task.sample(1, torch.Generator().manual_seed(n))
-    out: dict = {"n": n}
+    out: dict = {"n": n, "backend": backend.backend()}
     with torch.no_grad():
+        if out["backend"] == "compile" and n > model.build_unchunked_max:
+            # Compile the aggregator's chunk graph on a smaller chunked build first: the timings and the peak
+            # memory are the build's, not the compiler's (its one-off time is reported as compile_s).
+            m = 2 * model.build_unchunked_max
+            t = time.perf_counter()
+            model.build(Batch(batch.xc[:, :m], batch.yc[:, :m], batch.xt[:, :1], batch.yt[:, :1]), lean=True)
+            out["compile_s"] = time.perf_counter() - t
         can_reset = reset_peak()
         before = rss_bytes()
         t = time.perf_counter()
@@ -200,8 +208,9 @@ def work_env(n: int, checkpoint: str | None, num_envs: int, rounds: int, array_t
 TUNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(2**28), "MALLOC_TRIM_THRESHOLD_": str(2**30)}
 
 
-def run_worker(args: list[str], timeout: float, malloc: str = "tuned") -> dict | None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **(TUNED_MALLOC if malloc == "tuned" else {})}
+def run_worker(args: list[str], timeout: float, malloc: str = "tuned", backend: str = "torch") -> dict | None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TCA_BACKEND": backend,
+           **(TUNED_MALLOC if malloc == "tuned" else {})}
     cmd = [sys.executable, __file__, "--worker", *args]
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
@@ -285,8 +294,12 @@ def markdown(res: dict) -> str:
     lines += ["", f"Checkpoints: {res.get('checkpoints')}. Command: `{res.get('command')}`."]
     if res.get("tca_command"):
         lines += ["", f"The tca columns (build, per query, end to end, accuracy) were measured again later with "
-                  f"`{res['tca_command']}` (glibc malloc: {res.get('tca_malloc', 'default')}; the other columns: "
-                  f"{res.get('malloc', 'default')})."]
+                  f"`{res['tca_command']}` (backend {res.get('tca_backend', 'torch')}; glibc malloc: "
+                  f"{res.get('tca_malloc', 'default')}; the other columns: {res.get('malloc', 'default')})."]
+    compiled = [r for r in res["tca"] if r.get("compile_s")]
+    if compiled:
+        lines += ["", "Compiling the aggregator's chunk graph took " + ", ".join(
+            f"{r['compile_s']:.1f} s (2^{r['n'].bit_length() - 1})" for r in compiled) + " before the timed builds."]
     if res.get("env_command"):
         lines += ["", f"The env row was measured again later with `{res['env_command']}`."]
     return "\n".join(lines) + "\n"
@@ -350,6 +363,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--malloc", choices=("tuned", "default"), default="tuned",
                    help="glibc malloc of the worker processes: 'tuned' (default) keeps freed memory for reuse "
                    "(MALLOC_MMAP_THRESHOLD_=2^28, MALLOC_TRIM_THRESHOLD_=2^30), 'default' leaves glibc's settings.")
+    p.add_argument("--backend", choices=("torch", "compile"), default="torch",
+                   help="Backend of the tca workers (TCA_BACKEND): 'torch' (default, eager) or 'compile' (the tree's "
+                   "aggregator chunks through torch.compile; compiled on a smaller build first, reported as "
+                   "compile_s).")
     p.add_argument("--worker", nargs="*", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
@@ -368,9 +385,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     def measure_tca(n: int) -> dict | None:
-        r = run_worker(["tca", str(n), args.tca or "", "--repeats", str(args.repeats)], args.timeout, args.malloc)
+        r = run_worker(["tca", str(n), args.tca or "", "--repeats", str(args.repeats)], args.timeout, args.malloc,
+                       args.backend)
         if r:
-            print(f"  tca: build {r['build_s']:.2f} s, peak {r.get('build_peak_mib', 0):.0f} MiB, "
+            print(f"  tca ({r['backend']}): build {r['build_s']:.2f} s, peak {r.get('build_peak_mib', 0):.0f} MiB, "
                   f"{r['query_us']:.2f} us/query, accuracy {r['accuracy']:.3f}", flush=True)
         return r
 
@@ -382,6 +400,7 @@ def main(argv: list[str] | None = None) -> int:
             res["tca"] = [r for r in res["tca"] if not args.min_log2 <= r["n"].bit_length() - 1 <= args.max_log2]
             res["checkpoints"]["tca"] = args.tca
             res["tca_malloc"] = args.malloc
+            res["tca_backend"] = args.backend
             res["tca_command"] = "python benchmarks/scale.py " + " ".join(sys.argv[1:] if argv is None else argv)
             for lg in range(args.min_log2, args.max_log2 + 1):
                 print(f"N = 2^{lg}", flush=True)
@@ -395,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
             res["env_command"] = "python benchmarks/scale.py " + " ".join(sys.argv[1:] if argv is None else argv)
             print(f"  {res['env']['query_steps_per_s']:,.0f} query-steps/s", flush=True)
     else:
-        res = {"tca": [], "ca": [], "perceiver": [], "env": None, "malloc": args.malloc,
+        res = {"tca": [], "ca": [], "perceiver": [], "env": None, "malloc": args.malloc, "tca_backend": args.backend,
                "checkpoints": {"tca": args.tca, "ca": args.ca, "perceiver": args.perceiver},
                "command": "python benchmarks/scale.py " + " ".join(sys.argv[1:] if argv is None else argv)}
         for lg in range(args.min_log2, args.max_log2 + 1):

@@ -19,6 +19,7 @@ from functools import lru_cache
 
 import torch
 
+from . import backend
 from .layers import EncoderLayer
 from .tasks.base import ORDERINGS
 
@@ -252,6 +253,11 @@ def aggregate(aggregator: Aggregator, x: torch.Tensor, mask: torch.Tensor | None
 
     Groups are independent, so chunking changes no value; it bounds the aggregator's temporaries (its
     attention, normalisations and feed-forward over every child) to ``chunk`` rows instead of all G*c.
+
+    The full chunks, all of one shape, run on the active backend (:mod:`tca_env.backend`): under ``"compile"``
+    one compiled graph serves every full chunk of every level (it fuses the normalisations, the attention over
+    the children and the GEGLU: the whole build at 2^20 tokens took 6.15 s against 7.99 s eager on one CPU thread,
+    medians of 5 alternations); a level's last, smaller chunk runs eagerly, so no build size recompiles it.
     """
     G, c, D = x.shape
     if chunk is None or G * c <= chunk:
@@ -259,9 +265,11 @@ def aggregate(aggregator: Aggregator, x: torch.Tensor, mask: torch.Tensor | None
     step = max(1, chunk // c)
     node = x.new_empty(G, D)
     node_mask = None if mask is None else mask.new_empty(G)
+    on_backend = not torch.compiler.is_compiling()  # inside a compiled graph already: trace the plain call
     for g0 in range(0, G, step):
         g1 = min(G, g0 + step)
-        out, m = aggregator(x[g0:g1], None if mask is None else mask[g0:g1])
+        args = (x[g0:g1], None if mask is None else mask[g0:g1])
+        out, m = backend.call(aggregator, "forward", *args) if on_backend and g1 - g0 == step else aggregator(*args)
         node[g0:g1] = out
         if m is not None:
             node_mask[g0:g1] = m

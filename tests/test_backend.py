@@ -92,3 +92,26 @@ def test_compiled_backend_gives_the_eager_numbers_and_greedy_paths():
     assert len(grads) == len(eager_grads) > 10
     for g, e in zip(grads, eager_grads, strict=True):
         torch.testing.assert_close(g, e, rtol=1e-3, atol=1e-5)
+
+
+@needs_compiler
+def test_compiled_aggregator_chunks_build_the_eager_tree():
+    """On the compile backend a chunked build (large contexts) runs the aggregator's full chunks through one
+    compiled graph: the same tree (node keys and values; the padded leaf buckets' masks go through the graph) and
+    greedy answers as eager, and a whole compiled predict with chunks still traces as one graph (chunks inline)."""
+    task = make_task("recall", context_len=300, num_queries=40)
+    torch.manual_seed(0)
+    model = ReTreever(ModelConfig.for_task(task, d_model=16, nhead=2, dim_ff=32, emb_depth=2)).eval()
+    batch = task.sample(2, torch.Generator().manual_seed(1))
+    assert batch.N != model.tree_shape(batch.N).num_slots  # padded: masks go through the compiled graph too
+    with torch.no_grad():
+        eager = model.build(batch, lean=True, chunk=64)
+        eager_pred = model.query(eager, batch.xt)
+        assert backend.set_backend("compile") == "compile"
+        comp = model.build(batch, lean=True, chunk=64)
+        assert "forward" in backend._compiled.get(model.aggregator, {})  # the chunks did go through the backend
+        for name in ("node_keys", "node_values", "tok_keys", "tok_values"):
+            torch.testing.assert_close(getattr(comp.kv, name), getattr(eager.kv, name), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(model.query(comp, batch.xt), eager_pred, rtol=1e-4, atol=1e-5)
+        ex = torch._dynamo.explain(model._predict)(batch, 64)
+    assert (ex.graph_count, ex.graph_break_count) == (1, 0), ex.break_reasons
