@@ -294,12 +294,14 @@ def gather_rows(table: torch.Tensor, idx: torch.Tensor, out: torch.Tensor | None
 
 def build_tree(enc: torch.Tensor, b: int, aggregator: Aggregator, ordering: str = "natural",
                coords: torch.Tensor | None = None, coord: int = 0, bptt: bool = False,
-               chunk: int | None = None) -> Tree:
+               chunk: int | None = None, perm: torch.Tensor | None = None) -> Tree:
     """Order, pad and aggregate ``enc [B, N, D]`` into a :class:`Tree`.
 
     With ``bptt=False`` (the paper's default) the aggregator's input is detached at every level, so
     the encoder learns only through the read-out and the tree through the aggregator's own weights.
     ``chunk``: at most this many rows per aggregator call (see :func:`aggregate`; None: one call per level).
+    ``perm``: the ordering (:func:`order_tokens` of ``coords``), already applied to ``enc``, whose rows are then
+    taken as they come (a caller that embeds the tokens in the tree's order saves moving ``N x D`` encodings).
     Nothing of size ``[N, N]`` is ever formed; the tree's own tensors are ~2x ``enc``.
     """
     if enc.dim() != 3:
@@ -308,10 +310,15 @@ def build_tree(enc: torch.Tensor, b: int, aggregator: Aggregator, ordering: str 
     if B == 0:
         raise ValueError("empty batch: B = 0")
     shape = TreeShape(N, b)
-    perm = order_tokens(coords, N, b, ordering, coord, batch_size=B)  # [B, N]
-    # Rows by one flat index_select: a gather with its index expanded over D reads an index per element (at 2^20,
-    # 1.5 s against 0.19 s in one profile).
-    ordered = enc if ordering == "natural" else gather_rows(enc, perm.unsqueeze(-1)).squeeze(2)
+    if perm is None:
+        perm = order_tokens(coords, N, b, ordering, coord, batch_size=B)  # [B, N]
+        # Rows by one flat index_select: a gather with its index expanded over D reads an index per element (at
+        # 2^20, 1.5 s against 0.19 s in one profile).
+        ordered = enc if ordering == "natural" else gather_rows(enc, perm.unsqueeze(-1)).squeeze(2)
+    elif perm.shape != (B, N):
+        raise ValueError(f"perm must be [B, N] = [{B}, {N}]; got {tuple(perm.shape)}")
+    else:
+        ordered = enc
     if N == shape.num_slots:  # no padding: the slots are the ordered tokens (no copy)
         tokens = ordered
     else:

@@ -84,6 +84,22 @@ def test_build_once_query_many_equals_fresh_predictions(decoder):
         torch.testing.assert_close(model.query(ctx, xt), fresh, rtol=0, atol=1e-5)
 
 
+def test_lean_build_embedding_in_tree_order_equals_ordering_the_encodings():
+    """A lean build of a model without a context encoder orders the raw inputs and embeds them in the tree's
+    order; a kept build embeds in context order and moves the encodings: the same tree, keys and values."""
+    task, model = recall_model()
+    batch = task.sample(2, torch.Generator().manual_seed(3))  # N = 300: padded slots
+    with torch.no_grad():
+        for chunk in (None, 64):
+            lean = model.build(batch, lean=True, chunk=chunk)
+            kept = model.build(batch, chunk=chunk)
+            assert kept.enc is not None and lean.enc is None and lean.tree is None
+            for name in ("node_keys", "node_values", "tok_keys", "tok_values"):
+                torch.testing.assert_close(getattr(lean.kv, name), getattr(kept.kv, name), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match=r"perm must be \[B, N\]"):
+        build_tree(torch.randn(2, 10, 16), 2, model.aggregator, "kd", batch.xc[:, :10], perm=torch.zeros(2, 9).long())
+
+
 def test_greedy_retrieved_set_from_a_reused_tree_equals_a_fresh_build():
     task, model = recall_model()
     batch = task.sample(2, torch.Generator().manual_seed(4))
