@@ -9,7 +9,7 @@ Backends:
   (copy, images): every new context or query count compiles a new graph, so tasks whose sizes vary per
   batch (GP regression) recompile until torch falls back to eager. It also serves the chunked build of large
   contexts (:func:`tca_env.tree.aggregate`, called outside any compiled graph): the tree's aggregator runs its
-  fixed-size chunks through one compiled graph (the build at 2^20 tokens ~1.3x faster on one CPU thread).
+  fixed-size chunks through one compiled graph (the build at 2^20 tokens ~1.2x faster on one CPU thread).
 
 There are no hand-written kernels: none was kept, because a second copy of the math only pays where it
 beats both eager and compiled PyTorch by a wide margin on the call it serves, and none did. Asking for

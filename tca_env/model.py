@@ -375,7 +375,8 @@ class ReTreever(nn.Module):
             full: also project the N encodings for full cross attention (needed by L_CA and "ca";
                 default: when the decoder is "ca" or the model is training with lambda_CA > 0).
             lean: drop the encodings and the tree's embeddings once their keys and values exist (greedy
-                inference keeps only what the search and read-out use).
+                inference keeps only what the search and read-out use). Without a context encoder a lean build
+                orders the raw inputs first and embeds them in the tree's order (the same values).
             chunk: bound the build's temporaries to about this many rows (embedding, aggregation and projections,
                 without autograd); None: :attr:`build_chunk` without autograd above :attr:`build_unchunked_max`
                 tokens, else one call per level. Values do not change.
