@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from . import search as S
-from .tree import gather_rows
+from .tree import take_rows
 
 
 def search_paths(ctx, target: torch.Tensor, path: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,7 +101,7 @@ def split_margins(tree, coords: torch.Tensor, target: torch.Tensor, queries: tor
     dx = coords.shape[-1]
     right = ancestors(tree, target)  # [B, M, k+1]
     real = tree.token_mask  # [B, slots] real (not padding)
-    slot = gather_rows(coords, tree.token_index.clamp_min(0).unsqueeze(-1)).squeeze(2)  # [B, slots, dx]
+    slot = take_rows(coords, tree.token_index.clamp_min(0))  # [B, slots, dx]
     out = []
     for lv in range(1, k + 1):  # a loop over levels only
         c = (lv - 1) % dx

@@ -18,7 +18,7 @@ from . import backend
 from . import search as S
 from .layers import Attention, EncoderLayer, FeedForward, embedder, position_mlp
 from .tasks.base import HEADS, ORDERINGS, REWARDS, Batch, Task
-from .tree import Aggregator, Tree, TreeShape, build_tree, gather_rows, order_tokens, retrieved_size
+from .tree import Aggregator, Tree, TreeShape, build_tree, order_tokens, retrieved_size, take_rows
 
 DECODERS = ("tca", "ca", "perceiver")
 ENCODERS = ("quadratic", "constant")
@@ -399,8 +399,8 @@ class ReTreever(nn.Module):
                 # Lean, and each token embedded on its own: order the raw inputs and embed them in the tree's
                 # order, rather than move N x D encodings (at 2^20 tokens, 56 MB of inputs instead of 256 MB).
                 perm = order_tokens(batch.xc, batch.N, c.branch, c.ordering, c.coord)
-                inputs = Batch(*(None if t is None else gather_rows(t, perm.unsqueeze(-1)).squeeze(2)
-                                 for t in (batch.xc, batch.yc)), batch.xt, batch.yt)
+                inputs = Batch(take_rows(batch.xc, perm), None if batch.yc is None else take_rows(batch.yc, perm),
+                               batch.xt, batch.yt)
             # A lean build hands the tree the only reference to the encodings, so they are freed once the
             # tree's tokens hold them in slot order.
             ctx.tree = build_tree(ctx.enc if keep_enc else self.encode_context(inputs, check=False, chunk=chunk),
