@@ -103,7 +103,8 @@ class TrainConfig:
     init_from: str | None = opt(None, "Start from the model weights of this checkpoint (fine-tuning, or a curriculum "
                                 "such as copy at L = 256 before L = 1,024); the optimiser, rate schedule, step count "
                                 "and data start afresh. The model config must match it apart from the task's size "
-                                "(max_context), dropout and the loss settings. A resumed run continues from its own "
+                                "(max_context), dropout, the loss settings and the number of heads (the same "
+                                "projection weights, split into --nhead heads). A resumed run continues from its own "
                                 "checkpoint instead.")
     overwrite: bool = opt(False, "Replace the run in run_dir (its checkpoint, events and report) instead of "
                           "refusing to write there.")

@@ -194,8 +194,10 @@ class Trainer:
 
     #: model-config fields an --init-from run may change: the task's size and how training regularises,
     #: rewards and routes gradients (bptt), none of which changes what the weights mean
+    #: model-config fields that ``--init-from`` may change: the task's size, regularisation, losses, and the head
+    #: count (every projection keeps its [D, D] shape; the same weights are split into another number of heads)
     INIT_FREE = frozenset({"max_context", "dropout", "policy_dropout", "policy_p", "agg_dropout", "lambda_ca",
-                           "lambda_rl", "reward", "rl_baseline", "entropy_coef", "bptt"})
+                           "lambda_rl", "reward", "rl_baseline", "entropy_coef", "bptt", "nhead"})
 
     def init_weights(self, path: str | Path) -> None:
         """The model weights of another run's checkpoint (``--init-from``); nothing else of that run."""
