@@ -12,6 +12,7 @@ from tca_env import search as S
 from tca_env.diagnostics import CONFIDENT, NEAR_SPLIT, right_child_probs, search_paths, search_report, split_margins
 from tca_env.model import ModelConfig, ReTreever
 from tca_env.tasks import make_task
+from tca_env.tree import TreeShape
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from copy_attention import search_analysis  # noqa: E402
@@ -243,3 +244,21 @@ def test_split_margins_against_the_cells_of_the_kd_tree(n, b):
         err = margin[..., lv - 1][first_wrong == lv]
         got = rep["near_split_errors_per_level"][lv - 1]
         assert (got != got) if err.numel() == 0 else got == pytest.approx(float((err < NEAR_SPLIT).float().mean()))
+
+
+@pytest.mark.parametrize("n", [64, 100, 257, 1024])
+def test_reference_routers_box_rule_is_exact_and_centroid_is_not(n):
+    """benchmarks/reference_routers.py: the nearest-bounding-box rule reaches every key's own leaf (k-d splits put
+    a key outside its sibling's box), the nearest-centroid rule does not (some key lies nearer its sibling's
+    mean); each leaf holds at most P keys (padded trees included)."""
+    from reference_routers import route
+
+    keys = torch.rand(n, 4, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
+    q = torch.arange(n)
+    reached, target = route(keys, q, "box")
+    assert torch.equal(reached, target)
+    assert int(torch.bincount(target).max()) <= TreeShape(n, 2).P
+    reached_c, target_c = route(keys, q, "centroid")
+    assert torch.equal(target_c, target) and 0.3 < float((reached_c == target).double().mean()) < 1.0
+    with pytest.raises(ValueError, match="unknown rule"):
+        route(keys, q, "nearest")
