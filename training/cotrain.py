@@ -192,10 +192,9 @@ class Trainer:
         then = asdict(ModelConfig(**ckpt["model_config"]))
         return {k: (v, then.get(k)) for k, v in asdict(self.model.cfg).items() if k not in ignore and then.get(k) != v}
 
-    #: model-config fields an --init-from run may change: the task's size and how training regularises,
-    #: rewards and routes gradients (bptt), none of which changes what the weights mean
-    #: model-config fields that ``--init-from`` may change: the task's size, regularisation, losses, and the head
-    #: count (every projection keeps its [D, D] shape; the same weights are split into another number of heads)
+    #: model-config fields an --init-from run may change: the task's size, how training regularises, rewards and
+    #: routes gradients (bptt), and the head count (every projection keeps its [D, D] shape: the same weights,
+    #: split into another number of heads)
     INIT_FREE = frozenset({"max_context", "dropout", "policy_dropout", "policy_p", "agg_dropout", "lambda_ca",
                            "lambda_rl", "reward", "rl_baseline", "entropy_coef", "bptt", "nhead"})
 
