@@ -455,10 +455,12 @@ def _bag_sum(table: torch.Tensor, rows: torch.Tensor, w: torch.Tensor) -> torch.
     """
     B, R, H, dh = table.shape
     M, S = rows.shape[1:]
-    flat = rows + (torch.arange(B, device=rows.device) * R).view(B, 1, 1)  # rows of the [B*R, H, dh] table
-    idx = (flat.unsqueeze(2) * H + torch.arange(H, device=rows.device).view(1, 1, H, 1)).reshape(B * M * H, S)
-    bag = F.embedding_bag(idx, table.reshape(B * R * H, dh), per_sample_weights=w.transpose(2, 3).reshape(-1, S),
-                          mode="sum")
+    # 32-bit indices where the bag table allows (half the index memory: these are the path's largest temporaries)
+    itype = torch.int32 if B * R * H < 2**31 else torch.long
+    first = (torch.arange(B, device=rows.device) * (R * H)).view(B, 1, 1, 1).to(itype)
+    idx = (rows.to(itype).unsqueeze(2) * H + first + torch.arange(H, device=rows.device, dtype=itype).view(1, 1, H, 1))
+    bag = F.embedding_bag(idx.view(B * M * H, S), table.reshape(B * R * H, dh),
+                          per_sample_weights=w.transpose(2, 3).reshape(-1, S), mode="sum")
     return bag.view(B, M, H, dh)
 
 
