@@ -83,17 +83,17 @@ def test_init_from_takes_the_weights_of_a_shorter_task_and_nothing_else(tmp_path
 def test_init_from_may_split_the_weights_into_other_heads(tmp_path):
     """--init-from across head counts: every weight carries over unchanged (the projections are [D, D] whatever
     the split), and the model computes with the new split: the greedy read-out differs from the old model's."""
-    four = Trainer(tiny(tmp_path / "four", steps=2))
-    four.fit()
-    assert four.model.cfg.nhead != 1
-    one = Trainer(tiny(tmp_path / "one", steps=1, nhead=1, init_from=str(four.ckpt_path)))
+    multi = Trainer(tiny(tmp_path / "multi", steps=2))
+    multi.fit()
+    assert multi.model.cfg.nhead > 1
+    one = Trainer(tiny(tmp_path / "one", steps=1, nhead=1, init_from=str(multi.ckpt_path)))
     assert one.model.cfg.nhead == 1 and one.model.readout.attn.nhead == 1
-    p4, p1 = params(four), params(one)
-    assert p4.keys() == p1.keys() and all(torch.equal(p4[k], p1[k]) for k in p4)
-    batch = four.task.sample(2, torch.Generator().manual_seed(0))
+    pm, p1 = params(multi), params(one)
+    assert pm.keys() == p1.keys() and all(torch.equal(pm[k], p1[k]) for k in pm)
+    batch = multi.task.sample(2, torch.Generator().manual_seed(0))
     with torch.no_grad():
-        out4, out1 = four.model.eval().predict(batch), one.model.eval().predict(batch)
-    assert not torch.allclose(out4, out1)
+        out_m, out_1 = multi.model.eval().predict(batch), one.model.eval().predict(batch)
+    assert not torch.allclose(out_m, out_1)
 
 
 def test_init_from_refuses_another_model(tmp_path):
