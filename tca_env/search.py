@@ -451,7 +451,8 @@ def _bag_sum(table: torch.Tensor, rows: torch.Tensor, w: torch.Tensor) -> torch.
     Each head's dh-slice of a row is a row of the bag table, and each (query, head) a bag of its S rows: the
     gathered values never exist as ``[B, M, S, H, dh]``. It replaced gathering them level by level into a
     workspace and weighting each level: greedy inference (``ReTreever.query``, 16,384 queries, one thread) went
-    from 9.10 to 8.13 us per query at 2^20 tokens and from 7.32 to 6.25 at 2^16 (medians of 7 alternations).
+    from 9.10 to 8.13 us per query at 2^20 tokens and from 7.32 to 6.25 at 2^16 (medians of 7 alternations, with
+    64-bit indices; the 32-bit ones below came after and were measured for memory only).
     """
     B, R, H, dh = table.shape
     M, S = rows.shape[1:]
