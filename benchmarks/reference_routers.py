@@ -32,8 +32,13 @@ from tca_env.tree import TreeShape, order_tokens
 RULES = ("centroid", "box")
 
 
-def route(keys: torch.Tensor, queries: torch.Tensor, rule: str, b: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+def route(keys: torch.Tensor, queries: torch.Tensor, rule: str, b: int = 2, noise: float = 0.0,
+          generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy paths of ``queries`` (indices into ``keys [N, d]``) through the k-d tree of ``keys``.
+
+    ``noise`` (rule ``box``): each node's bounds are known only up to Gaussian noise of this standard deviation
+    relative to the node's extent per coordinate (one draw per node and bound, shared by every query), as a
+    learned summary that holds a node's extent to a relative precision would know them.
 
     Returns the leaf reached ``[Q]`` and the leaf that holds each query's key ``[Q]``.
     """
@@ -60,6 +65,10 @@ def route(keys: torch.Tensor, queries: torch.Tensor, rule: str, b: int = 2) -> t
             idx = owner.unsqueeze(1).expand(n, d)
             lo = torch.full((m, d), float("inf"), dtype=keys.dtype).scatter_reduce(0, idx, ordered, "amin")
             hi = torch.full((m, d), float("-inf"), dtype=keys.dtype).scatter_reduce(0, idx, ordered, "amax")
+            if noise > 0:
+                width = (hi - lo).nan_to_num(0.0, 0.0, 0.0)  # empty (padded) nodes: inf - inf
+                lo = lo + noise * width * torch.randn(lo.shape, generator=generator, dtype=keys.dtype)
+                hi = hi + noise * width * torch.randn(hi.shape, generator=generator, dtype=keys.dtype)
             x = xq.unsqueeze(1)
             score = -((lo[children] - x).clamp_min(0) + (x - hi[children]).clamp_min(0)).pow(2).sum(-1)
         score = score.masked_fill(count[children] == 0, float("-inf"))  # padded (empty) children
@@ -67,14 +76,14 @@ def route(keys: torch.Tensor, queries: torch.Tensor, rule: str, b: int = 2) -> t
     return node, where[queries] // shape.P
 
 
-def leaf_hit(n: int, rule: str, sets: int, queries: int, seed: int, d: int = 4) -> float:
+def leaf_hit(n: int, rule: str, sets: int, queries: int, seed: int, d: int = 4, noise: float = 0.0) -> float:
     """Mean leaf hit of ``rule`` over ``sets`` random sets of ``n`` keys (``queries`` keys asked per set)."""
     gen = torch.Generator().manual_seed(seed)
     hits = []
     for _ in range(sets):
         keys = torch.rand(n, d, generator=gen, dtype=torch.float64)
         q = torch.randperm(n, generator=gen)[:queries]
-        reached, target = route(keys, q, rule)
+        reached, target = route(keys, q, rule, noise=noise, generator=gen)
         hits.append((reached == target).double().mean().item())
     return sum(hits) / len(hits)
 
@@ -86,15 +95,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sets", type=int, default=4, help="Random key sets per N.")
     p.add_argument("--queries", type=int, default=16384, help="Queries (keys of the set) per set, at most N.")
     p.add_argument("--seed", type=int, default=0, help="Seed of the key sets and of the queries asked.")
+    p.add_argument("--box-noise", type=float, nargs="*", default=[],
+                   help="Also route by bounding boxes known to these relative precisions (the standard deviation "
+                   "of each bound's error over the node's extent, e.g. 0.01 0.001): how precisely a learned node "
+                   "summary must hold a node's extent for a given leaf hit.")
     p.add_argument("--json", default=None, help="Also write the results to this JSON file.")
     args = p.parse_args(argv)
+    if any(e < 0 for e in args.box_noise):
+        raise SystemExit(f"--box-noise must be >= 0; got {args.box_noise}")
     torch.set_num_threads(1)
     rows = []
     for n in args.context_len:
-        row = {"context_len": n, **{r: leaf_hit(n, r, args.sets, min(args.queries, n), args.seed) for r in RULES}}
+        q = min(args.queries, n)
+        row = {"context_len": n, **{r: leaf_hit(n, r, args.sets, q, args.seed) for r in RULES}}
+        row["box_noise"] = {str(e): leaf_hit(n, "box", args.sets, q, args.seed, noise=e) for e in args.box_noise}
         rows.append(row)
+        noisy = "".join(f", box to {float(e):g}: {100 * h:.2f}%" for e, h in row["box_noise"].items())
         print(f"N = {n:,}: leaf hit, nearest centroid {100 * row['centroid']:.2f}%, "
-              f"nearest bounding box {100 * row['box']:.2f}%", flush=True)
+              f"nearest bounding box {100 * row['box']:.2f}%{noisy}", flush=True)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(rows, indent=1))

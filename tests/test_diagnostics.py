@@ -262,3 +262,14 @@ def test_reference_routers_box_rule_is_exact_and_centroid_is_not(n):
     assert torch.equal(target_c, target) and 0.3 < float((reached_c == target).double().mean()) < 1.0
     with pytest.raises(ValueError, match="unknown rule"):
         route(keys, q, "nearest")
+
+
+def test_reference_routers_noisy_boxes_lose_queries_near_splits():
+    """--box-noise: bounds known to a relative precision route fewer queries right the coarser they are, and a
+    precision far below the gaps between keys changes nothing."""
+    from reference_routers import leaf_hit
+
+    exact = leaf_hit(512, "box", sets=2, queries=512, seed=0)
+    hits = [leaf_hit(512, "box", sets=2, queries=512, seed=0, noise=e) for e in (1e-12, 1e-2, 1e-1)]
+    assert exact == 1.0 and hits[0] == 1.0
+    assert 1.0 > hits[1] > hits[2]
