@@ -217,7 +217,7 @@ def work_env(n: int, checkpoint: str | None, num_envs: int, rounds: int, array_t
 #: 4 GiB of freed heap. With glibc's defaults, chunk temporaries of several MiB are mapped fresh and returned to
 #: the system, then faulted in again (~600,000 page faults per 2^20 aggregated rows; worth 0.3-0.4 s of the
 #: 2^20 build), and so are the tree's 0.5 GiB key and value tables at every build. Served from the heap, a
-#: build that follows a freed tree reuses its pages: at 2^20 (compile backend, build + 1,024 queries, four
+#: build that follows a freed tree reuses its pages: at 2^20 (compile backend, build + 1,024 queries, two
 #: alternations in fresh processes) 4.94-5.06 s against 5.34 s with the earlier 256 MiB / 1 GiB thresholds.
 TUNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(2**31), "MALLOC_TRIM_THRESHOLD_": str(2**32)}
 
