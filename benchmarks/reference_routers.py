@@ -79,11 +79,12 @@ def route(keys: torch.Tensor, queries: torch.Tensor, rule: str, b: int = 2, nois
 def leaf_hit(n: int, rule: str, sets: int, queries: int, seed: int, d: int = 4, noise: float = 0.0) -> float:
     """Mean leaf hit of ``rule`` over ``sets`` random sets of ``n`` keys (``queries`` keys asked per set)."""
     gen = torch.Generator().manual_seed(seed)
+    noise_gen = torch.Generator().manual_seed(seed + 1)  # its own stream: every noise level sees the same sets
     hits = []
     for _ in range(sets):
         keys = torch.rand(n, d, generator=gen, dtype=torch.float64)
         q = torch.randperm(n, generator=gen)[:queries]
-        reached, target = route(keys, q, rule, noise=noise, generator=gen)
+        reached, target = route(keys, q, rule, noise=noise, generator=noise_gen)
         hits.append((reached == target).double().mean().item())
     return sum(hits) / len(hits)
 
