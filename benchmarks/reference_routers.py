@@ -16,7 +16,12 @@ the recall task's evaluation sets (keys uniform in the unit cube, 4 coordinates,
 
     python benchmarks/reference_routers.py --context-len 1024 4096 65536 1048576 --json results/scale/routers.json
 
-Compare with a trained model's leaf hit from ``benchmarks/search_report.py`` at the same N.
+Compare with a trained model's leaf hit from ``benchmarks/search_report.py`` at the same N. ``--box-noise``
+adds the box rule with every bound off by Gaussian noise of a given size relative to the node's extent: how
+precisely a learned node summary must hold its box for a given leaf hit.
+
+    python benchmarks/reference_routers.py --context-len 1024 4096 65536 1048576 --sets 4 \
+        --box-noise 0.1 0.03 0.01 0.003 0.001 0.0003 0.0001 --json results/scale/routers-noise.json
 """
 
 from __future__ import annotations
@@ -44,6 +49,8 @@ def route(keys: torch.Tensor, queries: torch.Tensor, rule: str, b: int = 2, nois
     """
     if rule not in RULES:
         raise ValueError(f"unknown rule {rule!r}; choose one of {RULES}")
+    if noise < 0 or (noise > 0 and rule != "box"):
+        raise ValueError(f"noise must be >= 0 and applies to the 'box' rule only; got {noise} with {rule!r}")
     n, d = keys.shape
     shape = TreeShape(n, b)
     perm = order_tokens(keys.unsqueeze(0), n, b, "kd")[0]  # slot order: perm[t] is the t-th ordered key

@@ -273,3 +273,5 @@ def test_reference_routers_noisy_boxes_lose_queries_near_splits():
     hits = [leaf_hit(512, "box", sets=2, queries=512, seed=0, noise=e) for e in (1e-12, 1e-2, 1e-1)]
     assert exact == 1.0 and hits[0] == 1.0
     assert 1.0 > hits[1] > hits[2]
+    with pytest.raises(ValueError, match="'box' rule only"):
+        leaf_hit(64, "centroid", sets=1, queries=64, seed=0, noise=0.1)
