@@ -113,5 +113,31 @@ def test_compiled_aggregator_chunks_build_the_eager_tree():
         for name in ("node_keys", "node_values", "tok_keys", "tok_values"):
             torch.testing.assert_close(getattr(comp.kv, name), getattr(eager.kv, name), rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(model.query(comp, batch.xt), eager_pred, rtol=1e-4, atol=1e-5)
+        assert "_query" in backend._compiled.get(model, {})  # a query on a built tree goes through the graph too
         ex = torch._dynamo.explain(model._predict)(batch, 64)
+    assert (ex.graph_count, ex.graph_break_count) == (1, 0), ex.break_reasons
+
+
+@needs_compiler
+def test_compiled_query_cuts_long_query_batches_into_chunks_outside_the_graph(monkeypatch):
+    """A built tree queried on the compile backend: chunks of ``greedy_chunk`` queries (the last one shorter), each
+    one compiled graph with no breaks, give eager's answers; a malformed query batch is refused before any graph."""
+    task = make_task("recall", context_len=200, num_queries=40)
+    torch.manual_seed(0)
+    model = ReTreever(ModelConfig.for_task(task, d_model=16, nhead=2, dim_ff=32, emb_depth=2)).eval()
+    batch = task.sample(2, torch.Generator().manual_seed(3))
+    monkeypatch.setattr(S, "greedy_chunk", 2 * 16)  # 16 queries per chunk for B = 2: chunks of 16, 16 and 8
+    sizes, call = [], backend.call
+    monkeypatch.setattr(backend, "call", lambda m, name, *a: sizes.append((name, a[1].shape[1])) or call(m, name, *a))
+    with torch.no_grad():
+        ctx = model.build(batch, lean=True)
+        eager = model.query(ctx, batch.xt)
+        assert backend.set_backend("compile") == "compile"
+        comp = model.query(ctx, batch.xt)
+        ex = torch._dynamo.explain(model._query)(ctx, batch.xt[:, :16], None)
+        with pytest.raises(ValueError, match="queries must be"):
+            model.query(ctx, batch.xt[0])
+    torch.testing.assert_close(comp, eager, rtol=1e-4, atol=1e-5)
+    assert torch.equal(comp.argmax(-1), eager.argmax(-1))
+    assert sizes == [("_query", 16), ("_query", 16), ("_query", 8)]
     assert (ex.graph_count, ex.graph_break_count) == (1, 0), ex.break_reasons
