@@ -262,3 +262,33 @@ def test_a_trained_recall_predictor_runs_at_other_context_sizes(tmp_path, capsys
     assert main(["eval", "--checkpoint", ckpt, "--context-len", "512", "--eval-size", "2", "--eval-batch", "1",
                  "--json"]) == 0
     assert 0.0 <= json.loads(capsys.readouterr().out.strip().splitlines()[-1])["test/accuracy"] <= 1.0
+
+
+def test_query_speed_times_every_checkpoint_on_every_backend_in_turns(tmp_path, monkeypatch):
+    """benchmarks/query_speed.py: one tree per checkpoint, every (checkpoint, backend) pair timed once per round,
+    medians reported, and the process's backend left as it was."""
+    from pathlib import Path
+
+    from tca_env import backend
+    from training.config import build_config
+    from training.cotrain import Trainer
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import query_speed
+
+    ckpts = []
+    for nhead in (1, 2):
+        cfg = build_config(task="recall", context_len=64, d_model=16, nhead=nhead, dim_ff=32, emb_depth=2, steps=1,
+                           batch_size=2, eval_size=2, eval_batch=2, eval_every=0, progress=False,
+                           run_dir=str(tmp_path / f"h{nhead}"))
+        Trainer(cfg).fit()
+        ckpts.append(str(tmp_path / f"h{nhead}" / "checkpoint.pt"))
+    res = query_speed.main(["--context-len", "100", "--tca", *ckpts, "--backends", "torch", "--repeats", "3",
+                            "--queries", "32", "--json", str(tmp_path / "q.json")])
+    assert set(res["results"]) == {f"{c} @ torch" for c in ckpts}
+    for r in res["results"].values():
+        assert len(r["us"]) == 3 and r["median_us"] == sorted(r["us"])[1] > 0
+    assert json.loads((tmp_path / "q.json").read_text())["queries"] == 32
+    assert backend.backend() == "torch"
+    with pytest.raises(SystemExit):
+        query_speed.main(["--tca", ckpts[0], "--repeats", "0"])
