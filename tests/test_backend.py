@@ -119,12 +119,15 @@ def test_compiled_aggregator_chunks_build_the_eager_tree():
 
 
 @needs_compiler
-def test_compiled_query_cuts_long_query_batches_into_chunks_outside_the_graph(monkeypatch):
-    """A built tree queried on the compile backend: chunks of ``greedy_chunk`` queries (the last one shorter), each
-    one compiled graph with no breaks, give eager's answers; a malformed query batch is refused before any graph."""
+@pytest.mark.parametrize("decoder", ["tca", "ca", "perceiver"])
+def test_compiled_query_cuts_long_query_batches_into_chunks_outside_the_graph(monkeypatch, decoder):
+    """A built context queried on the compile backend: chunks of ``greedy_chunk`` queries (the last one shorter),
+    each one compiled graph with no breaks, give eager's answers; a malformed query batch is refused before any
+    graph."""
     task = make_task("recall", context_len=200, num_queries=40)
     torch.manual_seed(0)
-    model = ReTreever(ModelConfig.for_task(task, d_model=16, nhead=2, dim_ff=32, emb_depth=2)).eval()
+    model = ReTreever(ModelConfig.for_task(task, decoder=decoder, d_model=16, nhead=2, dim_ff=32,
+                                           emb_depth=2)).eval()
     batch = task.sample(2, torch.Generator().manual_seed(3))
     monkeypatch.setattr(S, "greedy_chunk", 2 * 16)  # 16 queries per chunk for B = 2: chunks of 16, 16 and 8
     sizes, call = [], backend.call
