@@ -561,7 +561,7 @@ class ReTreever(nn.Module):
         of about :data:`search.greedy_chunk` (the embedding, the search, the read-out and the head fused where
         inductor can: at 2^20 tokens on one CPU thread 0.67x eager's time per query with one head, 0.85x with
         four). The chunks are cut here, outside the graph, so that a long batch of queries does not unroll into
-        one huge graph; a new chunk size or context size compiles once more (~4-25 s on one CPU thread).
+        one huge graph; a new chunk size or context size compiles once more (3-26 s on one CPU thread here).
         """
         if backend.backend() == "torch":
             return self._query(ctx, xt, pt)
