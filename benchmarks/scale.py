@@ -129,7 +129,7 @@ def work_tca(n: int, checkpoint: str | None, repeats: int) -> dict:
         # Warm-up with every query count timed below (the whole batch; the end-to-end runs' chunks), so that on the
         # compile backend no timing includes compiling the query graph (its one-off time: query_compile_s). Before
         # the repeated builds: a build right after compiling faults its tables in afresh, like a first build.
-        cols = max(1, S.greedy_chunk // batch.B)
+        cols = S.chunk_columns(batch.B)
         t = time.perf_counter()
         for size in sorted({batch.M, *(r for m in (1024, n // 2) for r in (min(m, cols), m % cols) if r)}):
             model.query(ctx, batch.xt[:, :size])

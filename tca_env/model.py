@@ -569,7 +569,7 @@ class ReTreever(nn.Module):
         # The graph never reads the context's batch (its queries are checked above): without it, a tree built from
         # another batch of the same size (other query counts, say) reuses the graph instead of compiling anew.
         ctx = replace(ctx, batch=None)
-        cols = max(1, S.greedy_chunk // xt.shape[0])
+        cols = S.chunk_columns(xt.shape[0])
         # Chunks in fresh contiguous memory: a slice's strides depend on the whole batch's length (even along a
         # dim of size 1, where .contiguous() keeps them), and the graph is guarded on them.
         dense = torch.contiguous_format

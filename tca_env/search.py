@@ -477,6 +477,12 @@ def _weighted(w: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 greedy_chunk = 16384
 
 
+def chunk_columns(batch_size: int) -> int:
+    """Queries per context set in one chunk of about :data:`greedy_chunk` (the greedy read-out's and the
+    compiled ``ReTreever.query``'s chunks)."""
+    return max(1, greedy_chunk // batch_size)
+
+
 def greedy_readout(kv: TreeKV, q: torch.Tensor, with_path: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Greedy inference: the read-out ``[B, M, H, dh]`` over each query's greedy S (and its path).
 
@@ -484,7 +490,7 @@ def greedy_readout(kv: TreeKV, q: torch.Tensor, with_path: bool = False) -> tupl
     ``|S|`` rows per query); chunking changes no value.
     """
     B, M = q.shape[:2]
-    cols = max(1, greedy_chunk // B)
+    cols = chunk_columns(B)
     if M <= cols:
         d = descend(kv, q, "greedy", stats=False)
         return readout(kv, q, d.path, d), d.path if with_path else None
