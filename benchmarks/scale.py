@@ -118,6 +118,7 @@ def work_tca(n: int, checkpoint: str | None, repeats: int) -> dict:
             t = time.perf_counter()
             model.build(Batch(batch.xc[:, :m], batch.yc[:, :m], batch.xt[:, :1], batch.yt[:, :1]), lean=True)
             out["compile_s"] = time.perf_counter() - t
+        backend.matmul_route()  # its one-off probe (~0.1 s, a few MiB) is not the build's
         can_reset = reset_peak()
         before = rss_bytes()
         t = time.perf_counter()
@@ -230,9 +231,10 @@ def work_env(n: int, checkpoint: str | None, num_envs: int, rounds: int, array_t
 TUNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(2**31), "MALLOC_TRIM_THRESHOLD_": str(2**32)}
 
 
-def run_worker(args: list[str], timeout: float, malloc: str = "tuned", backend: str = "torch") -> dict | None:
+def run_worker(args: list[str], timeout: float, malloc: str = "tuned", backend: str = "torch",
+               matmul: str = "auto") -> dict | None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TCA_BACKEND": backend,
-           **(TUNED_MALLOC if malloc == "tuned" else {})}
+           "TCA_MATMUL": matmul, **(TUNED_MALLOC if malloc == "tuned" else {})}
     cmd = [sys.executable, __file__, "--worker", *args]
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
@@ -398,6 +400,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="Backend of the tca workers (TCA_BACKEND): 'torch' (default, eager) or 'compile' (the tree's "
                    "aggregator chunks through torch.compile; compiled on a smaller build first, reported as "
                    "compile_s).")
+    p.add_argument("--matmul", choices=("auto", "onednn", "default"), default="auto",
+                   help="Route of the workers' float32 matrix products (TCA_MATMUL, tca_env.backend): 'auto' (default: "
+                   "oneDNN where a probe finds it exact and faster than the BLAS), 'onednn' or 'default' (the BLAS).")
     p.add_argument("--worker", nargs="*", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 

@@ -381,10 +381,14 @@ class ReTreever(nn.Module):
                 without autograd); None: :attr:`build_chunk` without autograd above :attr:`build_unchunked_max`
                 tokens, else one call per level. Values do not change.
         """
+        self._check(batch)
+        with self.matmul_scope(batch.xc.shape[:2].numel()):
+            return self._build(batch, full, lean, chunk)
+
+    def _build(self, batch: Batch, full: bool | None, lean: bool, chunk: int | None) -> Context:
         c = self.cfg
         if full is None:
             full = c.decoder == "ca" or (c.decoder == "tca" and self.training and c.lambda_ca > 0)
-        self._check(batch)
         if chunk is None and not torch.is_grad_enabled() and batch.xc.shape[:2].numel() > self.build_unchunked_max:
             chunk = self.build_chunk
         keep_enc = full or not lean or c.decoder == "perceiver"  # Perceiver IO's latents attend to the encodings
@@ -490,10 +494,19 @@ class ReTreever(nn.Module):
             noise = S.gumbel_noise((shape.k, batch.B, batch.M, shape.b), batch.xt, generator)
         return self._dispatch("_forward", batch, search, actions, noise, with_ca)
 
+    def matmul_scope(self, rows: int):
+        """:func:`tca_env.backend.matmul_scope` for a call of this model over ``rows`` tokens or queries in all: a tca
+        model's large float32 products (embeddings, the aggregator, projections, feed-forwards) take the faster
+        exact route where there is one (recall at 2^20: build 3.1 against 6.0 s; a training step at N <= 4,096
+        1.27x faster). ca and Perceiver IO keep the default: their cost is fused attention over all N tokens, which
+        oneDNN's products made slower at some shapes (ca at 2^16, 256 queries: 380 against 294 us per query)."""
+        return backend.matmul_scope(rows if self.cfg.decoder == "tca" else 0)
+
     def _dispatch(self, name: str, batch: Batch, *args):
         if backend.backend() != "torch":
             self._check(batch)  # the compiled graph has no data-dependent branches: validate before it
-        return backend.call(self, name, batch, *args)
+        with self.matmul_scope(batch.xc.shape[:2].numel()):
+            return backend.call(self, name, batch, *args)
 
     def _forward(self, batch: Batch, search: str, actions: torch.Tensor | None, noise: torch.Tensor | None,
                  with_ca: bool) -> Output:
@@ -563,8 +576,12 @@ class ReTreever(nn.Module):
         four). The chunks are cut here, outside the graph, so that a long batch of queries does not unroll into
         one huge graph; a new chunk size or context size compiles once more (3-26 s on one CPU thread here).
         """
-        if backend.backend() == "torch":
-            return self._query(ctx, xt, pt)
+        with self.matmul_scope(xt.shape[:2].numel()):
+            if backend.backend() == "torch":
+                return self._query(ctx, xt, pt)
+            return self._query_compiled(ctx, xt, pt)
+
+    def _query_compiled(self, ctx: Context, xt: torch.Tensor, pt: torch.Tensor | None) -> torch.Tensor:
         self._check_queries(ctx, xt)
         # The graph never reads the context's batch (its queries are checked above): without it, a tree built from
         # another batch of the same size (other query counts, say) reuses the graph instead of compiling anew.

@@ -69,6 +69,8 @@ class Trainer:
         torch.set_num_threads(cfg.threads)
         if cfg.backend is not None:
             model_backend.set_backend(cfg.backend)
+        if cfg.matmul is not None:
+            model_backend.set_matmul(cfg.matmul)
         # Under torchrun: this process's rank among world_size data-parallel processes (training.distributed).
         self.rank, self.world_size, self.backend = distributed.setup(cfg.device)
         if self.world_size > 1:
@@ -140,7 +142,8 @@ class Trainer:
         self.model.train()
         out = self.model(batch, search="sample", generator=self.search_gen)
         self.opt.zero_grad(set_to_none=True)
-        out.loss.backward()
+        with self.model.matmul_scope(batch.xc.shape[:2].numel()):  # the forward's route for its backward too
+            out.loss.backward()
         distributed.average_gradients(list(self.model.parameters()), self.world_size)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip)
         self.opt.step()
@@ -407,7 +410,8 @@ class CoTrainer(Trainer):
         """One predictor update on a finished tree batch; returns its statistics and the agent's."""
         loss, terms = self.losses(fb)
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        with self.model.matmul_scope(fb.batch.xc.shape[:2].numel()):
+            loss.backward()
         distributed.average_gradients(list(self.model.parameters()), self.world_size)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip)
         self.opt.step()

@@ -1,0 +1,143 @@
+"""The matmul route (tca_env.backend.matmul_scope): large float32 CPU products of a tca model on oneDNN where a probe
+finds it exact, the same numbers and greedy paths as the default route, the setting restored, small calls and
+ca / Perceiver IO left alone."""
+
+import pytest
+import torch
+
+from tca_env import backend
+from tca_env.model import ModelConfig, ReTreever
+from tca_env.tasks import make_task
+from training.config import build_config
+from training.cotrain import Trainer
+
+needs_knob = pytest.mark.skipif(backend._knob() is None, reason="this torch has no oneDNN float32 matmul setting")
+
+
+@pytest.fixture(autouse=True)
+def restore_route():
+    yield
+    backend.set_matmul(None)
+
+
+def knob_now() -> str:
+    return torch.backends.mkldnn.matmul.fp32_precision
+
+
+def test_route_choice_from_env_var_and_function(monkeypatch):
+    monkeypatch.setenv(backend.MATMUL_ENV_VAR, "default")
+    assert backend.set_matmul(None) == "default" == backend.matmul_route()
+    assert "CPU matmuls: default" in backend.describe()
+    monkeypatch.setenv(backend.MATMUL_ENV_VAR, "blas")
+    with pytest.raises(ValueError, match="not a matmul route"):
+        backend.set_matmul(None)
+    with pytest.raises(ValueError, match="not a matmul route"):
+        backend.set_matmul("fast")
+    # auto follows the probe's verdict
+    assert backend.set_matmul("auto") == ("onednn" if backend.onednn_probe()[0] else "default")
+
+
+@needs_knob
+def test_probe_verdict_agrees_with_an_independent_error_measurement():
+    """At a shape the probe does not use, oneDNN's error against float64 is float32's (the probe says exact) or far
+    larger (the probe says it rounds); a timing-only refusal says so."""
+    g = torch.Generator().manual_seed(5)
+    a, w = torch.randn(2048, 96, generator=g), torch.randn(96, 160, generator=g)
+    ref = a.double() @ w.double()
+    knob = torch.backends.mkldnn.matmul
+    prev = knob.fp32_precision
+    try:
+        knob.fp32_precision = "ieee"
+        err_blas = float((a @ w - ref).abs().max())
+        knob.fp32_precision = "bf16"
+        err = float((a @ w - ref).abs().max())
+    finally:
+        knob.fp32_precision = prev
+    ok, why = backend.onednn_probe()
+    if ok or "not faster" in why:
+        assert err <= 8 * err_blas + 1e-6, (err, err_blas, why)
+    else:
+        assert "rounds" in why and err > 8 * err_blas, (err, err_blas, why)
+
+
+def _recall_model(decoder="tca", n=1500):
+    task = make_task("recall", context_len=n, num_queries=1100)
+    torch.manual_seed(0)
+    model = ReTreever(ModelConfig.for_task(task, decoder=decoder, d_model=32, nhead=2, dim_ff=64)).eval()
+    return model, task.sample(1, torch.Generator().manual_seed(1))
+
+
+def _record_knob(module: torch.nn.Module, seen: list[str]):
+    return module.register_forward_pre_hook(lambda *_: seen.append(knob_now()))
+
+
+@needs_knob
+def test_tca_build_and_queries_take_the_route_with_the_default_numbers():
+    model, batch = _recall_model()
+    outside = knob_now()
+    with torch.no_grad():
+        assert backend.set_matmul("default") == "default"
+        ref_ctx = model.build(batch, lean=True)
+        ref = model.query(ref_ctx, batch.xt)
+        backend.set_matmul("onednn")
+        seen: list[str] = []
+        hooks = [_record_knob(model.aggregator, seen), _record_knob(model.query_embed, seen)]
+        ctx = model.build(batch, lean=True)  # 1,500 tokens and 1,100 queries: both above onednn_min_rows
+        out = model.query(ctx, batch.xt)
+        for h in hooks:
+            h.remove()
+    assert seen and set(seen) == {"bf16"}  # every aggregator call and the query embedding ran on the route
+    assert knob_now() == outside  # restored
+    for name in ("node_keys", "node_values", "tok_keys", "tok_values"):
+        torch.testing.assert_close(getattr(ctx.kv, name), getattr(ref_ctx.kv, name), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    assert torch.equal(out.argmax(-1), ref.argmax(-1))
+
+
+@needs_knob
+def test_small_calls_and_ca_models_keep_the_default_route():
+    backend.set_matmul("onednn")
+    outside = knob_now()
+    with backend.matmul_scope(backend.onednn_min_rows - 1):
+        assert knob_now() == outside
+    with backend.matmul_scope(backend.onednn_min_rows):
+        assert knob_now() == "bf16"
+        with backend.matmul_scope(10 * backend.onednn_min_rows):  # nests
+            assert knob_now() == "bf16"
+        assert knob_now() == "bf16"
+    assert knob_now() == outside
+    model, batch = _recall_model("ca")
+    seen: list[str] = []
+    hook = _record_knob(model.ctx_embed, seen)
+    with torch.no_grad():
+        model.predict(batch)
+    hook.remove()
+    assert seen == [outside]  # ca's fused attention over all tokens is not put on oneDNN
+    backend.set_matmul("default")
+    with backend.matmul_scope(10**9):
+        assert knob_now() == outside
+
+
+@needs_knob
+@pytest.mark.filterwarnings("ignore:Full backward hook", "ignore:Seems like `optimizer.step()`")
+def test_training_step_runs_forward_and_backward_on_the_route(tmp_path):
+    """The trainer's backward runs under the forward's route (a backward hook records the setting), and the step's
+    loss and gradients equal the default route's."""
+    cfg = build_config(task="recall", context_len=1024, task_args='{"num_queries": 64}', d_model=16, nhead=2,
+                       dim_ff=32, batch_size=2, eval_size=2, eval_batch=2, progress=False, eval_every=0,
+                       ckpt_every=0, log_every=1, run_dir=str(tmp_path / "run"))
+    grads, stats, seen = {}, {}, []
+    for route in ("default", "onednn"):
+        backend.set_matmul(route)
+        tr = Trainer(cfg)
+        batch = tr.task.sample(cfg.batch_size, torch.Generator().manual_seed(3))
+        hook = tr.model.aggregator.register_full_backward_pre_hook(lambda *_, r=route: seen.append((r, knob_now())))
+        params = list(tr.model.parameters())
+        tr.opt.step = lambda: None  # keep the weights: compare the gradients of one step
+        stats[route] = tr.train_step(batch)
+        grads[route] = [p.grad.clone() for p in params if p.grad is not None]
+        hook.remove()
+    assert ("onednn", "bf16") in seen and all(v != "bf16" for r, v in seen if r == "default")
+    assert stats["onednn"]["loss"] == pytest.approx(stats["default"]["loss"], rel=1e-4, abs=1e-6)
+    for a, b in zip(grads["onednn"], grads["default"], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
