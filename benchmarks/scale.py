@@ -109,7 +109,7 @@ def work_tca(n: int, checkpoint: str | None, repeats: int) -> dict:
 
     model, task = load("tca", checkpoint, n)
     batch = task.sample(1, torch.Generator().manual_seed(n))
-    out: dict = {"n": n, "backend": backend.backend()}
+    out: dict = {"n": n, "backend": backend.backend(), "matmul": backend.matmul_route()}
     with torch.no_grad():
         if out["backend"] == "compile" and n > model.build_unchunked_max:
             # Compile the aggregator's chunk graph on a smaller chunked build first: the timings and the peak
@@ -422,9 +422,10 @@ def main(argv: list[str] | None = None) -> int:
 
     def measure_tca(n: int) -> dict | None:
         r = run_worker(["tca", str(n), args.tca or "", "--repeats", str(args.repeats)], args.timeout, args.malloc,
-                       args.backend)
+                       args.backend, args.matmul)
         if r:
-            print(f"  tca ({r['backend']}): build {r['build_s']:.2f} s, peak {r.get('build_peak_mib', 0):.0f} MiB, "
+            print(f"  tca ({r['backend']}, {r.get('matmul', 'default')} matmuls): build {r['build_s']:.2f} s, "
+                  f"peak {r.get('build_peak_mib', 0):.0f} MiB, "
                   f"{r['query_us']:.2f} us/query, accuracy {r['accuracy']:.3f}", flush=True)
         return r
 
@@ -437,6 +438,7 @@ def main(argv: list[str] | None = None) -> int:
             res["checkpoints"]["tca"] = args.tca
             res["tca_malloc"] = args.malloc
             res["tca_backend"] = args.backend
+            res["tca_matmul"] = args.matmul
             res["tca_command"] = "python benchmarks/scale.py " + " ".join(sys.argv[1:] if argv is None else argv)
             for lg in range(args.min_log2, args.max_log2 + 1):
                 print(f"N = 2^{lg}", flush=True)
@@ -446,11 +448,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.env_only:
             n = 2**args.env_log2
             res["env"] = run_worker(["env", str(n), args.tca or "", "--env-rounds", str(args.env_rounds)], args.timeout,
-                                    args.malloc)
+                                    args.malloc, matmul=args.matmul)
             res["env_command"] = "python benchmarks/scale.py " + " ".join(sys.argv[1:] if argv is None else argv)
             print(f"  {res['env']['query_steps_per_s']:,.0f} query-steps/s", flush=True)
     else:
         res = {"tca": [], "ca": [], "perceiver": [], "env": None, "malloc": args.malloc, "tca_backend": args.backend,
+               "tca_matmul": args.matmul,
                "checkpoints": {"tca": args.tca, "ca": args.ca, "perceiver": args.perceiver},
                "command": "python benchmarks/scale.py " + " ".join(sys.argv[1:] if argv is None else argv)}
         for lg in range(args.min_log2, args.max_log2 + 1):
@@ -460,13 +463,13 @@ def main(argv: list[str] | None = None) -> int:
                 res["tca"].append(r)
             if lg <= args.ca_max_log2:
                 r = run_worker(["ca", str(n), args.ca or "", "--repeats", str(args.repeats), "--acc-queries",
-                                str(args.acc_queries)], args.timeout, args.malloc)
+                                str(args.acc_queries)], args.timeout, args.malloc, matmul=args.matmul)
                 if r:
                     res["ca"].append(r)
                     print(f"  ca: {r['query_us']:.1f} us/query, accuracy {r['accuracy']:.3f}", flush=True)
             if args.perceiver:
                 r = run_worker(["perceiver", str(n), args.perceiver, "--repeats", "1", "--acc-queries",
-                                str(args.acc_queries)], args.timeout, args.malloc)
+                                str(args.acc_queries)], args.timeout, args.malloc, matmul=args.matmul)
                 if r:
                     res["perceiver"].append(r)
                     print(f"  perceiver: accuracy {r['accuracy']:.3f}", flush=True)
@@ -475,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
             n = 2**args.env_log2
             print(f"env: {QUERY_BATCH} envs over 2^{args.env_log2} tokens", flush=True)
             res["env"] = run_worker(["env", str(n), args.tca or "", "--env-rounds", str(args.env_rounds)],
-                                    args.timeout, args.malloc)
+                                    args.timeout, args.malloc, matmul=args.matmul)
             if res["env"]:
                 print(f"  {res['env']['query_steps_per_s']:,.0f} query-steps/s", flush=True)
     res = summarise(res)
