@@ -423,7 +423,7 @@ class TreeQueries:
             self._observe_children()
             return None, info
         self.done = True
-        with evaluating(self.model):
+        with evaluating(self.model), self.model.matmul_scope(self.num_slots):
             # The read-out reuses the siblings' scores of the k steps (the same numbers it would recompute).
             zero = torch.zeros(self.path.shape[:2], device=self.device)
             descent = search.Descent(self.path, zero, zero, self.scores, self.b)

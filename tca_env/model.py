@@ -434,7 +434,9 @@ class ReTreever(nn.Module):
         The tree is built before the queries are embedded so that the aggregation's temporaries and the
         queries are never in memory at the same time.
         """
-        return self.attach_queries(self.build(batch, full, lean, chunk), batch.xt, batch.pt)
+        ctx = self.build(batch, full, lean, chunk)
+        with self.matmul_scope(batch.xt.shape[:2].numel()):
+            return self.attach_queries(ctx, batch.xt, batch.pt)
 
     def _slot_kv(self, ctx: Context) -> tuple[torch.Tensor, torch.Tensor]:
         """Token keys/values moved into the tree's slot layout (reusing the full-attention projections)."""

@@ -119,7 +119,7 @@ def test_small_calls_and_ca_models_keep_the_default_route():
 
 
 @needs_knob
-@pytest.mark.filterwarnings("ignore:Full backward hook", "ignore:Seems like `optimizer.step()`")
+@pytest.mark.filterwarnings("ignore:Full backward hook", "ignore:Seems like")
 def test_training_step_runs_forward_and_backward_on_the_route(tmp_path):
     """The trainer's backward runs under the forward's route (a backward hook records the setting), and the step's
     loss and gradients equal the default route's."""
@@ -141,3 +141,32 @@ def test_training_step_runs_forward_and_backward_on_the_route(tmp_path):
     assert stats["onednn"]["loss"] == pytest.approx(stats["default"]["loss"], rel=1e-4, abs=1e-6)
     for a, b in zip(grads["onednn"], grads["default"], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+
+
+@needs_knob
+def test_the_vector_envs_reset_and_leaf_read_out_take_the_route():
+    """A vector env of 1,024 queries over a recall tree: the build, the queries' embedding and the leaf read-out run
+    on the route (hooks record the setting), and the rewards equal the default route's."""
+    import gymnasium as gym
+
+    import tca_env  # noqa: F401 - registers the env
+
+    rewards, seen = {}, {}
+    for route in ("default", "onednn"):
+        backend.set_matmul(route)
+        model, _ = _recall_model(n=1200)
+        env = gym.make_vec("TreeRetrieval-v0", num_envs=1024, vectorization_mode="vector_entry_point", task="recall",
+                           task_options={"context_len": 1200, "num_queries": 1024}, predictor=model)
+        seen[route] = []
+        hooks = [_record_knob(m, seen[route]) for m in (model.aggregator, model.query_embed, model.head)]
+        env.reset(seed=0)
+        for _ in range(env.unwrapped.queries.k):
+            _, reward, *_ = env.step(torch.zeros(1024, dtype=torch.long).numpy())
+        rewards[route] = reward  # the leaf rewards of the last step
+        for h in hooks:
+            h.remove()
+        env.close()
+    assert set(seen["onednn"]) == {"bf16"} and "bf16" not in seen["default"]
+    assert len(seen["onednn"]) == len(seen["default"]) > 2  # the build, the query embedding and the read-out
+    torch.testing.assert_close(torch.as_tensor(rewards["onednn"]), torch.as_tensor(rewards["default"]), rtol=1e-4,
+                               atol=1e-5)
