@@ -574,9 +574,10 @@ class ReTreever(nn.Module):
 
         On the ``compile`` backend (:mod:`tca_env.backend`) the queries go through one compiled graph per chunk
         of about :data:`search.greedy_chunk` (the embedding, the search, the read-out and the head fused where
-        inductor can: at 2^20 tokens on one CPU thread 0.67x eager's time per query with one head, 0.85x with
-        four). The chunks are cut here, outside the graph, so that a long batch of queries does not unroll into
-        one huge graph; a new chunk size or context size compiles once more (3-26 s on one CPU thread here).
+        inductor can: at 2^20 tokens on one CPU thread 0.67x eager's time per query with one head; with four
+        1.05x on the oneDNN matmul route, 0.85x on the BLAS's). The chunks are cut here, outside the graph, so
+        that a long batch of queries does not unroll into one huge graph; a new chunk size or context size compiles
+        once more (3-26 s on one CPU thread here).
         """
         with self.matmul_scope(xt.shape[:2].numel()):
             if backend.backend() == "torch":
