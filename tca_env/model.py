@@ -497,12 +497,16 @@ class ReTreever(nn.Module):
         return self._dispatch("_forward", batch, search, actions, noise, with_ca)
 
     def matmul_scope(self, rows: int):
-        """:func:`tca_env.backend.matmul_scope` for a call of this model over ``rows`` tokens or queries in all: a tca
-        model's large float32 products (embeddings, the aggregator, projections, feed-forwards) take the faster
-        exact route where there is one (recall at 2^20: build 3.1 against 6.0 s; a training step at N <= 4,096
-        1.27x faster). ca and Perceiver IO keep the default: their cost is fused attention over all N tokens, which
-        oneDNN's products made slower at some shapes (ca at 2^16, 256 queries: 380 against 294 us per query)."""
-        return backend.matmul_scope(rows if self.cfg.decoder == "tca" else 0)
+        """:func:`tca_env.backend.matmul_scope` for a call of this model over ``rows`` tokens or queries in all.
+
+        The large float32 products (embeddings, the aggregator, projections, feed-forwards, fused attention) take
+        the faster exact route where there is one: recall at 2^20, the tca build in 3.1 against 6.0 s; on the copy
+        task (L = 1,024, batch 16) training steps of tca / ca / Perceiver IO at 0.84 / 0.86 / 0.69x the BLAS
+        route's time. Fused attention over many keys with few queries is slower there (ca at 2^16 with 64
+        queries: 611 against 349 us per query; with 1,024 queries 209 against 253 us), which the threshold of
+        :data:`tca_env.backend.onednn_min_rows` rows leaves on the BLAS route.
+        """
+        return backend.matmul_scope(rows)
 
     def _dispatch(self, name: str, batch: Batch, *args):
         if backend.backend() != "torch":

@@ -1,6 +1,6 @@
-"""The matmul route (tca_env.backend.matmul_scope): large float32 CPU products of a tca model on oneDNN where a probe
+"""The matmul route (tca_env.backend.matmul_scope): large float32 CPU products of a model on oneDNN where a probe
 finds it exact, the same numbers and greedy paths as the default route, the setting restored, small calls and
-ca / Perceiver IO left alone."""
+few queries left on the default route."""
 
 import pytest
 import torch
@@ -95,7 +95,9 @@ def test_tca_build_and_queries_take_the_route_with_the_default_numbers():
 
 
 @needs_knob
-def test_small_calls_and_ca_models_keep_the_default_route():
+def test_small_calls_keep_the_default_route_for_every_decoder():
+    """Below onednn_min_rows rows nothing changes; scopes nest; a ca model builds on the route and answers a
+    few queries (where fused attention over all tokens is slower on oneDNN) on the default one."""
     backend.set_matmul("onednn")
     outside = knob_now()
     with backend.matmul_scope(backend.onednn_min_rows - 1):
@@ -108,11 +110,13 @@ def test_small_calls_and_ca_models_keep_the_default_route():
     assert knob_now() == outside
     model, batch = _recall_model("ca")
     seen: list[str] = []
-    hook = _record_knob(model.ctx_embed, seen)
+    hooks = [_record_knob(model.ctx_embed, seen), _record_knob(model.query_embed, seen)]
     with torch.no_grad():
-        model.predict(batch)
-    hook.remove()
-    assert seen == [outside]  # ca's fused attention over all tokens is not put on oneDNN
+        ctx = model.build(batch)  # 1,500 tokens: the route
+        model.query(ctx, batch.xt[:, :64])  # 64 queries: the default
+    for h in hooks:
+        h.remove()
+    assert seen == ["bf16", outside]
     backend.set_matmul("default")
     with backend.matmul_scope(10**9):
         assert knob_now() == outside
