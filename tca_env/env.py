@@ -22,7 +22,7 @@ import torch
 from gymnasium import spaces
 from gymnasium.error import ResetNeeded
 
-from . import pretrained, search
+from . import backend, pretrained, search
 from .checkpoint import load_predictor, task_of
 from .model import Context, ModelConfig, ReTreever
 from .tasks import TASKS, Batch, Task, make_task
@@ -423,7 +423,7 @@ class TreeQueries:
             self._observe_children()
             return None, info
         self.done = True
-        with evaluating(self.model), self.model.matmul_scope(self.num_slots):
+        with evaluating(self.model), backend.matmul_scope(self.num_slots):
             # The read-out reuses the siblings' scores of the k steps (the same numbers it would recompute).
             zero = torch.zeros(self.path.shape[:2], device=self.device)
             descent = search.Descent(self.path, zero, zero, self.scores, self.b)

@@ -382,7 +382,7 @@ class ReTreever(nn.Module):
                 tokens, else one call per level. Values do not change.
         """
         self._check(batch)
-        with self.matmul_scope(batch.xc.shape[:2].numel()):
+        with backend.matmul_scope(batch.xc.shape[:2].numel()):
             return self._build(batch, full, lean, chunk)
 
     def _build(self, batch: Batch, full: bool | None, lean: bool, chunk: int | None) -> Context:
@@ -435,7 +435,7 @@ class ReTreever(nn.Module):
         queries are never in memory at the same time.
         """
         ctx = self.build(batch, full, lean, chunk)
-        with self.matmul_scope(batch.xt.shape[:2].numel()):
+        with backend.matmul_scope(batch.xt.shape[:2].numel()):
             return self.attach_queries(ctx, batch.xt, batch.pt)
 
     def _slot_kv(self, ctx: Context) -> tuple[torch.Tensor, torch.Tensor]:
@@ -496,22 +496,10 @@ class ReTreever(nn.Module):
             noise = S.gumbel_noise((shape.k, batch.B, batch.M, shape.b), batch.xt, generator)
         return self._dispatch("_forward", batch, search, actions, noise, with_ca)
 
-    def matmul_scope(self, rows: int):
-        """:func:`tca_env.backend.matmul_scope` for a call of this model over ``rows`` tokens or queries in all.
-
-        The large float32 products (embeddings, the aggregator, projections, feed-forwards, fused attention) take
-        the faster exact route where there is one: recall at 2^20, the tca build in 3.1 against 6.0 s; on the copy
-        task (L = 1,024, batch 16) training steps of tca / ca / Perceiver IO at 0.84 / 0.86 / 0.69x the BLAS
-        route's time. Fused attention over many keys with few queries is slower there (ca at 2^16 with 64
-        queries: 611 against 349 us per query; with 1,024 queries 209 against 253 us), which the threshold of
-        :data:`tca_env.backend.onednn_min_rows` rows leaves on the BLAS route.
-        """
-        return backend.matmul_scope(rows)
-
     def _dispatch(self, name: str, batch: Batch, *args):
         if backend.backend() != "torch":
             self._check(batch)  # the compiled graph has no data-dependent branches: validate before it
-        with self.matmul_scope(batch.xc.shape[:2].numel()):
+        with backend.matmul_scope(batch.xc.shape[:2].numel()):
             return backend.call(self, name, batch, *args)
 
     def _forward(self, batch: Batch, search: str, actions: torch.Tensor | None, noise: torch.Tensor | None,
@@ -583,7 +571,7 @@ class ReTreever(nn.Module):
         that a long batch of queries does not unroll into one huge graph; a new chunk size or context size compiles
         once more (3-26 s on one CPU thread here).
         """
-        with self.matmul_scope(xt.shape[:2].numel()):
+        with backend.matmul_scope(xt.shape[:2].numel()):
             if backend.backend() == "torch":
                 return self._query(ctx, xt, pt)
             return self._query_compiled(ctx, xt, pt)

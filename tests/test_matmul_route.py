@@ -33,8 +33,12 @@ def test_route_choice_from_env_var_and_function(monkeypatch):
         backend.set_matmul(None)
     with pytest.raises(ValueError, match="not a matmul route"):
         backend.set_matmul("fast")
-    # auto follows the probe's verdict
+    monkeypatch.delenv(backend.MATMUL_ENV_VAR)
+    assert backend.set_matmul("default") == "default"
+    assert backend.describe().endswith("CPU matmuls: default")  # chosen, so no probe verdict beside it
+    # auto follows the probe's verdict, which the log line gives
     assert backend.set_matmul("auto") == ("onednn" if backend.onednn_probe()[0] else "default")
+    assert backend.onednn_probe()[1] in backend.describe()
 
 
 @needs_knob

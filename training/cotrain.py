@@ -142,7 +142,7 @@ class Trainer:
         self.model.train()
         out = self.model(batch, search="sample", generator=self.search_gen)
         self.opt.zero_grad(set_to_none=True)
-        with self.model.matmul_scope(batch.xc.shape[:2].numel()):  # the forward's route for its backward too
+        with model_backend.matmul_scope(batch.xc.shape[:2].numel()):  # the forward's route for its backward too
             out.loss.backward()
         distributed.average_gradients(list(self.model.parameters()), self.world_size)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip)
@@ -410,7 +410,7 @@ class CoTrainer(Trainer):
         """One predictor update on a finished tree batch; returns its statistics and the agent's."""
         loss, terms = self.losses(fb)
         self.opt.zero_grad(set_to_none=True)
-        with self.model.matmul_scope(fb.batch.xc.shape[:2].numel()):
+        with model_backend.matmul_scope(fb.batch.xc.shape[:2].numel()):
             loss.backward()
         distributed.average_gradients(list(self.model.parameters()), self.world_size)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip)
