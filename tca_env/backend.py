@@ -136,17 +136,17 @@ def _knob():
 
 @functools.cache
 def onednn_probe() -> tuple[bool, str]:
-    """Whether oneDNN's float32 products are as exact as the BLAS's and faster here, and why (run once, ~0.1 s).
+    """Whether oneDNN's float32 products are as exact as the BLAS's and faster here, and why (run once, ~0.05 s).
 
     Exact: on each of the model's shapes, the largest error against float64 at most 4x the BLAS's (a product
-    whose inputs are rounded to bfloat16 errs ~1,000x more). Faster: at 4,096 x 64 by 64 x 256, the fastest of
+    whose inputs are rounded to bfloat16 errs ~1,000x more). Faster: at 1,024 x 64 by 64 x 256, the fastest of
     5 calls at most 0.8x the BLAS's.
     """
     knob = _knob()
     if knob is None:
         return False, "this torch has no oneDNN float32 matmul setting (torch.backends.mkldnn.matmul)"
     g = torch.Generator().manual_seed(0)
-    shapes = ((4096, 64, 256), (4096, 256, 64), (4096, 68, 64), (256, 64, 64))
+    shapes = ((1024, 64, 256), (1024, 256, 64), (1024, 68, 64), (256, 64, 64))
     data = [(torch.randn(m, k, generator=g), torch.randn(n, k, generator=g)) for m, k, n in shapes]
     prev = knob.fp32_precision
     try:
