@@ -27,8 +27,8 @@ official wheels) unless oneDNN's "bf16" math mode is on (``torch.backends.mkldnn
 which lets oneDNN take them and *permits* it to round the inputs to bfloat16. Where the CPU has no bfloat16
 matrix unit (AMX), oneDNN computes them in float32 anyway: on the AMD EPYC (Zen 5) we measure on, with
 results equal to the BLAS's up to summation order and ~2.3x faster at the model's shapes (4,096 x 64 by
-64 x 256: 0.58 against 1.36 ms; MKL runs a slow code path on AMD CPUs), the tree build at 2^20 tokens in 3.1 s
-against 6.0 s. :func:`matmul_scope` turns that route on around the large calls (the build, greedy queries, the
+64 x 256: 0.58 against 1.36 ms; MKL runs a slow code path on AMD CPUs), the tree build at 2^20 tokens in
+2.9-3.2 s against 4.3 s. :func:`matmul_scope` turns that route on around the large calls (the build, greedy queries, the
 model's forward, the trainer's backward) when :func:`matmul_route` is ``"onednn"``. ``TCA_MATMUL=auto`` (the
 default, or :func:`set_matmul`) chooses it only where a probe run once per process finds oneDNN's products as
 exact as the BLAS's (within 4x its float32 error against float64, at the model's shapes) and at least 1.25x
@@ -213,7 +213,7 @@ def matmul_scope(rows: int) -> Iterator[None]:
 
     The model enters it around its large calls (``ReTreever.build``, ``prepare``'s query embedding, ``query``,
     ``predict``, ``forward``), the trainer around the backward and the env around its leaf read-out. Measured
-    here: recall at 2^20, the tca build in 3.1 against 6.0 s; on the copy task (L = 1,024, batch 16) training
+    here: recall at 2^20, the tca build in 2.9-3.2 against 4.3 s; on the copy task (L = 1,024, batch 16) training
     steps of tca / ca / Perceiver IO at 0.84 / 0.86 / 0.69x the BLAS route's time. Fused attention over many
     keys with few queries is slower on oneDNN (ca at 2^16 tokens with 64 queries: 611 against 349 us per query;
     with 1,024 queries 209 against 253 us), which the row threshold leaves on the BLAS route."""
