@@ -231,10 +231,9 @@ def work_env(n: int, checkpoint: str | None, num_envs: int, rounds: int, array_t
 TUNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(2**31), "MALLOC_TRIM_THRESHOLD_": str(2**32)}
 
 
-def run_worker(args: list[str], timeout: float, malloc: str = "tuned", backend: str = "torch",
-               matmul: str = "auto") -> dict | None:
+def run_worker(args: list[str], timeout: float, malloc: str = "tuned", backend: str = "torch") -> dict | None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TCA_BACKEND": backend,
-           "TCA_MATMUL": matmul, **(TUNED_MALLOC if malloc == "tuned" else {})}
+           **(TUNED_MALLOC if malloc == "tuned" else {})}
     cmd = [sys.executable, __file__, "--worker", *args]
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
@@ -420,9 +419,11 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(out))
         return 0
 
+    os.environ["TCA_MATMUL"] = args.matmul  # the route of every worker (they inherit the environment)
+
     def measure_tca(n: int) -> dict | None:
         r = run_worker(["tca", str(n), args.tca or "", "--repeats", str(args.repeats)], args.timeout, args.malloc,
-                       args.backend, args.matmul)
+                       args.backend)
         if r:
             print(f"  tca ({r['backend']}, {r.get('matmul', 'default')} matmuls): build {r['build_s']:.2f} s, "
                   f"peak {r.get('build_peak_mib', 0):.0f} MiB, "
@@ -448,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.env_only:
             n = 2**args.env_log2
             res["env"] = run_worker(["env", str(n), args.tca or "", "--env-rounds", str(args.env_rounds)], args.timeout,
-                                    args.malloc, matmul=args.matmul)
+                                    args.malloc)
             res["env_command"] = "python benchmarks/scale.py " + " ".join(sys.argv[1:] if argv is None else argv)
             print(f"  {res['env']['query_steps_per_s']:,.0f} query-steps/s", flush=True)
     else:
@@ -463,13 +464,13 @@ def main(argv: list[str] | None = None) -> int:
                 res["tca"].append(r)
             if lg <= args.ca_max_log2:
                 r = run_worker(["ca", str(n), args.ca or "", "--repeats", str(args.repeats), "--acc-queries",
-                                str(args.acc_queries)], args.timeout, args.malloc, matmul=args.matmul)
+                                str(args.acc_queries)], args.timeout, args.malloc)
                 if r:
                     res["ca"].append(r)
                     print(f"  ca: {r['query_us']:.1f} us/query, accuracy {r['accuracy']:.3f}", flush=True)
             if args.perceiver:
                 r = run_worker(["perceiver", str(n), args.perceiver, "--repeats", "1", "--acc-queries",
-                                str(args.acc_queries)], args.timeout, args.malloc, matmul=args.matmul)
+                                str(args.acc_queries)], args.timeout, args.malloc)
                 if r:
                     res["perceiver"].append(r)
                     print(f"  perceiver: accuracy {r['accuracy']:.3f}", flush=True)
@@ -478,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
             n = 2**args.env_log2
             print(f"env: {QUERY_BATCH} envs over 2^{args.env_log2} tokens", flush=True)
             res["env"] = run_worker(["env", str(n), args.tca or "", "--env-rounds", str(args.env_rounds)],
-                                    args.timeout, args.malloc, matmul=args.matmul)
+                                    args.timeout, args.malloc)
             if res["env"]:
                 print(f"  {res['env']['query_steps_per_s']:,.0f} query-steps/s", flush=True)
     res = summarise(res)

@@ -67,15 +67,13 @@ def worker(decoder: str, seq_len: int, what: str, batch: int, iters: int, thread
         out.update(peak_mib=(torch.cuda.max_memory_allocated() - before) / 2**20)
         return out
     if what == "memory":
+        from scale import reset_peak
+
         from tca_env import backend
 
         backend.matmul_route()  # its one-off probe (a few MiB of test products) is not the model's memory
         model.eval()
-        try:  # reset the peak resident size, so that the probe's does not mask the predict's
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-        except OSError:
-            pass
+        reset_peak()  # so that the probe's peak does not mask the predict's
         before, peak_before = rss_mib(), peak_mib()
         model.predict(data)
         out.update(rss_before_mib=before, peak_before_mib=peak_before, peak_mib=peak_mib() - before)

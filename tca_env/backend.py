@@ -28,8 +28,9 @@ which lets oneDNN take them and *permits* it to round the inputs to bfloat16. Wh
 matrix unit (AMX), oneDNN computes them in float32 anyway: on the AMD EPYC (Zen 5) we measure on, with
 results equal to the BLAS's up to summation order and ~2.3x faster at the model's shapes (4,096 x 64 by
 64 x 256: 0.58 against 1.36 ms; MKL runs a slow code path on AMD CPUs), the tree build at 2^20 tokens in
-2.9-3.2 s against 4.3 s. :func:`matmul_scope` turns that route on around the large calls (the build, greedy queries, the
-model's forward, the trainer's backward) when :func:`matmul_route` is ``"onednn"``. ``TCA_MATMUL=auto`` (the
+2.9-3.2 s against 4.3 s. :func:`matmul_scope` turns that route on around the large calls (the build, the
+queries, the model's forward, the trainer's backward, the env's leaf read-out) when :func:`matmul_route` is
+``"onednn"``. ``TCA_MATMUL=auto`` (the
 default, or :func:`set_matmul`) chooses it only where a probe run once per process finds oneDNN's products as
 exact as the BLAS's (within 4x its float32 error against float64, at the model's shapes) and at least 1.25x
 faster; ``onednn`` forces it (it may round to bfloat16 on CPUs with AMX); ``default`` never uses it.

@@ -137,17 +137,23 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------- one step
 
-    def train_step(self, batch: Batch) -> dict[str, float]:
-        """The paper's fused step: sampled search, L_TCA + lambda_CA L_CA + lambda_RL L_RL, one backward."""
-        self.model.train()
-        out = self.model(batch, search="sample", generator=self.search_gen)
+    def _update(self, loss: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """One optimiser step on ``loss`` of ``batch``: backward on the forward's matmul route, gradients averaged
+        over processes and clipped, the rate scheduled; returns the gradient norm before clipping."""
         self.opt.zero_grad(set_to_none=True)
-        with model_backend.matmul_scope(batch.xc.shape[:2].numel()):  # the forward's route for its backward too
-            out.loss.backward()
+        with model_backend.matmul_scope(batch.xc.shape[:2].numel()):
+            loss.backward()
         distributed.average_gradients(list(self.model.parameters()), self.world_size)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip)
         self.opt.step()
         self.sched.step()
+        return grad_norm
+
+    def train_step(self, batch: Batch) -> dict[str, float]:
+        """The paper's fused step: sampled search, L_TCA + lambda_CA L_CA + lambda_RL L_RL, one backward."""
+        self.model.train()
+        out = self.model(batch, search="sample", generator=self.search_gen)
+        grad_norm = self._update(out.loss, batch)
         stats = {k: float(v) for k, v in out.terms.items()}
         stats[self.metric_name] = float(out.metric.mean())
         stats["grad_norm"] = float(grad_norm)
@@ -409,13 +415,7 @@ class CoTrainer(Trainer):
     def learn_from(self, fb: FinishedBatch) -> dict[str, float]:
         """One predictor update on a finished tree batch; returns its statistics and the agent's."""
         loss, terms = self.losses(fb)
-        self.opt.zero_grad(set_to_none=True)
-        with model_backend.matmul_scope(fb.batch.xc.shape[:2].numel()):
-            loss.backward()
-        distributed.average_gradients(list(self.model.parameters()), self.world_size)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip)
-        self.opt.step()
-        self.sched.step()
+        grad_norm = self._update(loss, fb.batch)
         stats = {k: float(v) for k, v in terms.items()}
         stats["grad_norm"] = float(grad_norm)
         now = time.perf_counter()
