@@ -4,7 +4,7 @@ Trains and evaluates a task x decoder x seed grid, one run at a time, each with 
 and the task's ``cpu`` preset (training/config.py), writes one JSON per run to ``<out>/json/`` and
 renders ``<out>/RESULTS.md``: our numbers (mean +/- std over seeds) beside the paper's tables,
 % tokens as the paper counts them (|S| at the largest context / the largest context), steps, wall
-time, and whether the orderings that issue 4 expects hold.
+time, and whether the orderings the paper reports (ReTreever near CA, above Perceiver IO) hold.
 
     OMP_NUM_THREADS=1 python benchmarks/reproduce.py                      # the whole grid, resumable
     python benchmarks/reproduce.py --tasks gp --decoders tca ca --seeds 0 1 2 --steps 8000
@@ -182,7 +182,7 @@ def fmt(vals: list[float], digits: int) -> str:
 
 
 def orderings(runs: list[dict[str, Any]], task: str) -> list[tuple[str, bool | None, str]]:
-    """The orderings issue 4 expects, each as (statement, holds (None: not enough runs), the numbers)."""
+    """The orderings the paper reports, each as (statement, holds (None: not enough runs), the numbers)."""
     def mean(dec: str, split: str) -> float | None:
         v = cell_values(runs, task, dec, split)
         return statistics.fmean(v) if v else None
@@ -242,7 +242,7 @@ def render_budget(task: str, runs: list[dict[str, Any]]) -> list[str]:
             row = [METHODS[dec], "-"] + ["not run"] * len(cols) + [paper_tok] + [paper_vals[p] for p in paper_cols]
             row.append("-")
         lines.append("| " + " | ".join(row) + " |")
-    lines += ["", "Expected orderings (issue 4), on our means:", ""]
+    lines += ["", "Expected orderings (as in the paper), on our means:", ""]
     for text, ok, nums in orderings(runs, task):
         verdict = "not checked" if ok is None else ("holds" if ok else "**does not hold**")
         lines.append(f"- {text}: {verdict} ({nums})")

@@ -275,3 +275,39 @@ def test_reference_routers_noisy_boxes_lose_queries_near_splits():
     assert 1.0 > hits[1] > hits[2]
     with pytest.raises(ValueError, match="'box' rule only"):
         leaf_hit(64, "centroid", sets=1, queries=64, seed=0, noise=0.1)
+
+
+def test_scorer_probe_descends_and_scores_as_the_models_own_policy(tmp_path):
+    """benchmarks/scorer_probe.py: with the model's own policy as the scorer, its children gather, greedy descent
+    and teacher-forced loss give the package's search (leaf hits of search_paths, -log of right_child_probs);
+    the script trains every scorer form and writes their leaf hits."""
+    from scorer_probe import leaf_hit, teacher_loss
+    from scorer_probe import main as scorer_main
+
+    from tca_env.diagnostics import ancestors
+    from tca_env.search import observed_log_probs
+
+    task = make_task("recall", context_len=100, num_queries=24)
+    model = ReTreever(ModelConfig.for_task(task, **SMALL)).eval()
+    batch = task.sample(3, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ctx = model.prepare(batch)
+        target = task.target_tokens(batch)
+        right = ancestors(ctx.tree, target)
+
+        def policy(q, c):  # q [B, M, D], c [B, M, b, D] -> log pi [B, M, b]
+            return observed_log_probs(model.readout, q.flatten(0, 1), c.flatten(0, 1), None).view(c.shape[:-1])
+
+        hits = leaf_hit(policy, ctx.tree, ctx.query_emb, right)
+        assert torch.equal(hits, search_paths(ctx, target)[0].all(-1))
+        assert 0 < hits.float().mean() < 1  # an untrained model: some right, some wrong
+        expected = -right_child_probs(ctx, target).log().mean()
+        assert torch.allclose(teacher_loss(policy, ctx.tree, ctx.query_emb, right), expected, atol=1e-5)
+    ckpt = small_recall_checkpoint(tmp_path / "run", 32, 1)
+    out = tmp_path / "scorers.json"
+    assert scorer_main([str(ckpt), "--steps", "4", "--eval-every", "2", "--batch-size", "2", "--width", "16",
+                        "--context-len", "32", "64", "--sets", "1", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert set(res["scorers"]) == {"bilinear", "mlp", "pair"} and set(res["policy"]) == {"32", "64"}
+    for r in res["scorers"].values():
+        assert [c["step"] for c in r["curve"]] == [2, 4] and all(0 <= h <= 1 for h in r["leaf_hit"].values())
