@@ -287,7 +287,8 @@ def test_scorer_probe_descends_and_scores_as_the_models_own_policy(tmp_path):
     from tca_env.diagnostics import ancestors
     from tca_env.search import observed_log_probs
 
-    task = make_task("recall", context_len=100, num_queries=24)
+    task = make_task("recall", context_len=40, num_queries=64)  # 40 tokens: a padded tree of 5 levels
+    torch.manual_seed(0)
     model = ReTreever(ModelConfig.for_task(task, **SMALL)).eval()
     batch = task.sample(3, torch.Generator().manual_seed(0))
     with torch.no_grad():
