@@ -12,9 +12,9 @@ new scorers that read only those frozen embeddings:
 - ``pair``: a perceptron on the query and all b children at once (it may compare siblings, as a split does).
 
 Each scorer's greedy descent is then measured on held-out sets (leaf hit: the query reached the leaf bucket
-holding its key), beside the model's own policy. If a scorer on the same embeddings routes far better than
-the policy, the embeddings hold the boxes and the score form limits the search; if none does, the
-embeddings themselves lose them::
+holding its key), beside the model's own policy on the same sets (those of ``benchmarks/search_report.py``).
+If a scorer on the same embeddings routes far better than the policy, the embeddings hold the boxes and the
+score form limits the search; if none does, the embeddings themselves lose them::
 
     python benchmarks/scorer_probe.py results/scale/saved/recall-tca-zoom15-restart/checkpoint.pt \
         --steps 3000 --json results/scale/probe/scorers-zoom15-restart.json
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(sets):
             batch = t.sample(1, gen, split=t.eval_splits[0])
             tree, q = frozen_context(model, batch)
-            yield tree, q, ancestors(tree, t.target_tokens(batch)), batch
+            yield tree, q, ancestors(tree, t.target_tokens(batch))
 
     from search_report import evaluate as search_sets  # the model's own policy, beside this script
 
@@ -144,8 +144,7 @@ def main(argv: list[str] | None = None) -> int:
                                    args.sets)
         results["policy"][n] = report["leaf_hit"]
         print(f"policy (the model's own), N = {n:,}: leaf hit {100 * report['leaf_hit']:.1f}%", flush=True)
-    small = held_out(args.context_len[0], 1)
-    val = next(small)
+    val = next(held_out(args.context_len[0], 1))  # the first held-out set, for the progress lines
     d, b = val[1].shape[-1], val[0].shape.b
     for kind in args.scorers:
         torch.manual_seed(args.seed)
@@ -169,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         final = {}
         for n in args.context_len:
             hits = [leaf_hit(scorer, tree, q, right).float().mean().item()
-                    for tree, q, right, _ in held_out(n, args.sets)]
+                    for tree, q, right in held_out(n, args.sets)]
             final[n] = sum(hits) / len(hits)
             print(f"{kind}, N = {n:,}: leaf hit {100 * final[n]:.1f}%", flush=True)
         results["scorers"][kind] = {"curve": curve, "leaf_hit": final, "seconds": time.perf_counter() - t0}
