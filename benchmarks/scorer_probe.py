@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from tca_env import search as S
 from tca_env.checkpoint import load_predictor, task_of
 from tca_env.diagnostics import ancestors
 from tca_env.tasks import make_task
@@ -46,7 +47,7 @@ class Scorer(nn.Module):
         super().__init__()
         if kind not in SCORERS:
             raise ValueError(f"unknown scorer {kind!r}; choose from {SCORERS}")
-        self.kind, self.b = kind, b
+        self.kind = kind
         self.norm = nn.LayerNorm(d)
         if kind == "bilinear":
             self.a, self.k = nn.Linear(d, width, bias=False), nn.Linear(d, width, bias=False)
@@ -68,13 +69,10 @@ class Scorer(nn.Module):
 
 
 def children(tree, node: torch.Tensor, level: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Embeddings ``[B, M, b, D]`` and mask ``[B, M, b]`` of the children (at ``level``) of ``node [B, M]``."""
+    """Embeddings ``[B, M, b, D]`` and mask ``[B, M, b]`` of the children (at ``level``) of ``node [B, M]``: the
+    search's own block gather (a node's children are b consecutive rows of the level below)."""
     b = tree.shape.b
-    rows = node.unsqueeze(-1) * b + torch.arange(b)  # [B, M, b]
-    emb = tree.nodes[level]  # [B, b^level, D]
-    B, M = node.shape
-    got = emb.gather(1, rows.reshape(B, M * b, 1).expand(-1, -1, emb.shape[-1])).view(B, M, b, -1)
-    return got, tree.node_mask[level].gather(1, rows.reshape(B, M * b)).view(B, M, b)
+    return S.gather_block(tree.nodes[level], node, b), S.gather_block(tree.node_mask[level], node, b)
 
 
 def frozen_context(model, batch):
@@ -128,8 +126,11 @@ def main(argv: list[str] | None = None) -> int:
     name, options = task_of(state)
     task = make_task(name, **options)
 
+    def at_size(n: int):  # the task's held-out sets at n tokens (no size range)
+        return make_task(name, **{**options, "context_len": n, "min_context_len": None})
+
     def held_out(n: int, sets: int):
-        t = make_task(name, **{**options, "context_len": n, "min_context_len": None})
+        t = at_size(n)
         gen = torch.Generator().manual_seed(0)
         for _ in range(sets):
             batch = t.sample(1, gen, split=t.eval_splits[0])
@@ -140,8 +141,7 @@ def main(argv: list[str] | None = None) -> int:
 
     results = {"checkpoint": args.checkpoint, "steps": args.steps, "width": args.width, "policy": {}, "scorers": {}}
     for n in args.context_len:
-        report, _, _ = search_sets(model, make_task(name, **{**options, "context_len": n, "min_context_len": None}),
-                                   args.sets)
+        report, _, _ = search_sets(model, at_size(n), args.sets)
         results["policy"][n] = report["leaf_hit"]
         print(f"policy (the model's own), N = {n:,}: leaf hit {100 * report['leaf_hit']:.1f}%", flush=True)
     val = next(held_out(args.context_len[0], 1))  # the first held-out set, for the progress lines
